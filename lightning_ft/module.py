@@ -120,6 +120,7 @@ class FineTuneModule(pl.LightningModule):
             model.enable_input_require_grads()  # LoRA freezes embeddings, which would cut the graph
         model.config.use_cache = False
         self.model = self.adapter.attach(model)
+        self.model.train()  # from_pretrained returns eval mode, which would silently disable dropout
 
     @property
     def tokenizer(self):

@@ -151,8 +151,13 @@ class ChatDataModule(LightningDataModule):
         return data
 
     def prepare_data(self) -> None:
-        """Check every data file; raise one DataError listing every problem (runs before any log directory)."""
-        self._read_files()
+        """Read, check and encode everything before Lightning creates any log directory.
+
+        One DataError lists every problem, so bad data stops a run before anything is written. On the
+        process that runs this hook the encoded data is kept and :meth:`setup` has nothing left to do.
+        """
+        trainer = getattr(self, "trainer", None)
+        self.setup(trainer.state.fn if trainer is not None else None)
 
     def _split(self, data: dict[str, list[Conversation]]) -> tuple[list[Conversation], list[Conversation]]:
         train, val = data.get("train", []), data.get("val", [])
@@ -211,10 +216,11 @@ class ChatDataModule(LightningDataModule):
         """Load the tokenizer, read, split, tokenise and truncate everything once; log a one-line report."""
         if self.stats:
             return  # already encoded for an earlier stage
+        files = self._read_files()  # data problems first: they need no tokenizer
         if self.train_path is None and stage in (None, "fit"):
             raise ValueError("ChatDataModule has no training data: set train_path (a .jsonl or .json file).")
         tokenizer = self._load_tokenizer()
-        train, val = self._split(self._read_files())
+        train, val = self._split(files)
         stats = dict.fromkeys(_STAT_KEYS, 0)
         errors: list[str] = []
         self.train_examples = self._encode(train, tokenizer, stats, errors)

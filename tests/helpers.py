@@ -1,0 +1,19 @@
+"""Small shared builders for tests (data files on disk, modules on the tiny model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def chat_record(index: int) -> dict:
+    return {"messages": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": f"What is {index} plus one?"},
+        {"role": "assistant", "content": f"It is {index + 1}."},
+    ]}
+
+
+def write_chat_file(path: Path, count: int, start: int = 0) -> str:
+    path.write_text("".join(json.dumps(chat_record(i)) + "\n" for i in range(start, start + count)))
+    return str(path)

@@ -1,0 +1,85 @@
+"""The command line: every shipped config parses, and `fit` runs end to end on the tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import write_chat_file
+
+from lightning_ft import ChatDataModule, FineTuneModule
+from lightning_ft.cli import main
+from lightning_ft.data.formats import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # configs name example data relative to the repository
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_builds_module_datamodule_and_trainer(config):
+    cli = main(["--config", str(config)], run=False)
+    assert isinstance(cli.model, FineTuneModule) and isinstance(cli.datamodule, ChatDataModule)
+    assert cli.datamodule.tokenizer == cli.model.hparams.model_name  # linked, not set twice
+    for key in ("train_path", "val_path"):
+        path = getattr(cli.datamodule, key)
+        assert path is None or Path(path).is_file(), f"{config.name}: data.{key}={path} does not exist"
+
+
+def test_print_config_shows_linked_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model_name: smollm2-135m-instruct" in printed and "class_path: lightning_ft.LoRA" in printed
+
+
+def tiny_args(tiny_model_dir, tmp_path, *extra):
+    return [
+        "fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+        "--model.model_name", tiny_model_dir,
+        "--data.train_path", write_chat_file(tmp_path / "train.jsonl", 12),
+        "--data.val_path", write_chat_file(tmp_path / "val.jsonl", 4, 50),
+        "--trainer.max_steps", "3", "--trainer.precision", "32-true", "--trainer.val_check_interval", "2",
+        "--trainer.default_root_dir", str(tmp_path / "runs"), "--progress_bar.refresh_rate", "0", *extra,
+    ]
+
+
+def test_fit_writes_checkpoint_tensorboard_and_hf_adapter(tiny_model_dir, tmp_path):
+    cli = main(tiny_args(tiny_model_dir, tmp_path))
+    log_dir = Path(cli.trainer.log_dir)
+    assert log_dir.is_relative_to(tmp_path / "runs")
+    assert (log_dir / "config.yaml").is_file()
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (log_dir / "hf_model").iterdir()
+    }
+    logged = cli.trainer.logged_metrics
+    for key in ("train/loss", "val/loss", "val/perplexity", "train/tokens_per_sec"):
+        assert key in logged, key
+
+
+def test_bad_data_stops_fit_before_anything_is_written(tiny_model_dir, tmp_path):
+    args = tiny_args(tiny_model_dir, tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n')
+    args[args.index("--data.train_path") + 1] = str(bad)
+    with pytest.raises(DataError, match=r"bad.jsonl:1: .*no assistant message[\s\S]*bad.jsonl:2: "):
+        main(args)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_console_script_and_module_entry_point_answer_help():
+    for command in (["lightning_ft"], [sys.executable, "-m", "lightning_ft"]):
+        result = subprocess.run([*command, "fit", "--help"], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "COLUMNS": "200"})
+        assert result.returncode == 0, result.stderr
+        assert "--model.model_name" in result.stdout and "--data.train_path" in result.stdout
