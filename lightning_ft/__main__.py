@@ -1,5 +1,7 @@
 """``python -m lightning_ft`` runs the command-line interface."""
 
-from lightning_ft.cli import main
+import sys
 
-main()
+from lightning_ft.cli import console_main
+
+sys.exit(console_main())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
@@ -29,8 +32,13 @@ class FineTuneCLI(LightningCLI):
         parser.add_lightning_class_args(SaveHFModel, "export")
 
 
+#: Subcommands beyond Lightning's fit/validate/test/predict: name -> function(argv) -> exit code.
+#: Each lives in its own module under ``lightning_ft/commands`` and is imported only when used.
+EXTRA_COMMANDS: dict[str, str] = {}
+
+
 def main(args: list[str] | dict | None = None, run: bool = True) -> FineTuneCLI:
-    """Entry point of the ``lightning_ft`` command; returns the CLI so programs can reuse what it built.
+    """Build (and by default run) the LightningCLI; returns it so programs can reuse what it built.
 
     Args:
         args: Command-line arguments (``None`` reads ``sys.argv``), or a config dict.
@@ -47,5 +55,15 @@ def main(args: list[str] | dict | None = None, run: bool = True) -> FineTuneCLI:
     )
 
 
+def console_main(argv: list[str] | None = None) -> int:
+    """The ``lightning_ft`` command: an extra subcommand by name, else LightningCLI. Returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module_name, function = EXTRA_COMMANDS[argv[0]].split(":")
+        return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(console_main())

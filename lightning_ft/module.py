@@ -103,8 +103,10 @@ class FineTuneModule(pl.LightningModule):
         self.hparams["learning_rate"] = lr
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
-        self._step_started: float | None = None
+        self._step_started = 0.0
+        self._step_tokens = 0
         self._val_sums: torch.Tensor | None = None
+        self.seen_tokens = {"tokens": 0, "trained_tokens": 0}
 
     # -- model ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -147,15 +149,21 @@ class FineTuneModule(pl.LightningModule):
         loss = loss_sum / n_trained.clamp(min=1)
         n_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
         self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
-        self.log("train/tokens", float(n_tokens), reduce_fx="sum", batch_size=1)
-        self.log("train/trained_tokens", float(n_trained), reduce_fx="sum", batch_size=1)
-        now = time.perf_counter()
-        if self._step_started is not None:
-            self.log("train/tokens_per_sec", float(n_tokens) / max(now - self._step_started, 1e-9), prog_bar=True)
+        # Running totals (this rank's; saved in checkpoints so they survive a resume).
+        self.seen_tokens["tokens"] += int(n_tokens)
+        self.seen_tokens["trained_tokens"] += int(n_trained)
+        self.log("train/tokens", float(self.seen_tokens["tokens"]), reduce_fx="max")
+        self.log("train/trained_tokens", float(self.seen_tokens["trained_tokens"]), reduce_fx="max")
+        self._step_tokens = int(n_tokens)
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Forward, backward and optimizer step: the throughput a user pays for (data loading excluded).
+        elapsed = time.perf_counter() - self._step_started
+        self.log("train/tokens_per_sec", self._step_tokens / max(elapsed, 1e-9), prog_bar=True)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -224,9 +232,12 @@ class FineTuneModule(pl.LightningModule):
         if isinstance(self.adapter, LoRA):
             keep = self._trainable_keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["lightning_ft"] = {"model": self.hparams.model_name, "adapter": self.adapter.to_dict()}
+        checkpoint["lightning_ft"] = {
+            "model": self.hparams.model_name, "adapter": self.adapter.to_dict(), "seen_tokens": dict(self.seen_tokens)
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.seen_tokens.update(checkpoint.get("lightning_ft", {}).get("seen_tokens", {}))
         if not isinstance(self.adapter, LoRA):
             return
         self.strict_loading = False  # the base weights are not in the checkpoint, by design

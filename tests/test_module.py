@@ -106,6 +106,7 @@ def test_lora_checkpoint_holds_only_adapter_and_restores(tiny_model_dir, tmp_pat
     trainer2 = pl.Trainer(max_steps=4, logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     trainer2.validate(restored, data, ckpt_path=ckpt, verbose=False)
     assert torch.equal(logits(restored.model), logits(module.model))
+    assert restored.seen_tokens == module.seen_tokens and module.seen_tokens["trained_tokens"] > 0
 
     other = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="Checkpoint does not match this module's adapter"):
