@@ -1,6 +1,6 @@
 """lightning_ft: fine-tune Hugging Face causal language models as PyTorch Lightning jobs."""
 
-from lightning_ft.adapters import FullFineTune, LoRA
+from lightning_ft.adapters import FullFineTune, LoRA, QLoRA
 from lightning_ft.callbacks import SaveHFModel
 from lightning_ft.data.collate import encode_conversation
 from lightning_ft.data.datamodule import ChatDataModule
@@ -15,6 +15,7 @@ __all__ = [
     "FineTuneModule",
     "FullFineTune",
     "LoRA",
+    "QLoRA",
     "SaveHFModel",
     "encode_conversation",
     "load_model",

@@ -11,7 +11,7 @@ The classes are plain typed constructors so LightningCLI shows their arguments i
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -91,8 +91,115 @@ class LoRA:
                 f"Linear layers it has: {', '.join(names)}; or use target_modules: all-linear."
             ) from err
 
+    def load_kwargs(self) -> dict[str, Any]:
+        """Extra ``from_pretrained`` arguments the base model needs for this adapter (none for LoRA)."""
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
-        return {"class": "LoRA", **vars(self)}
+        return {"class": type(self).__name__, **vars(self)}
+
+
+class QLoRA(LoRA):
+    """LoRA on a base model quantised by bitsandbytes to 4-bit NF4 (or 8-bit): the least memory.
+
+    Needs the ``qlora`` extra (``pip install "lightning_ft[qlora]"``). The base stays frozen and
+    quantised; adapters train in full precision, with matmuls in ``compute_dtype``.
+
+    Args:
+        r: Rank of each low-rank update.
+        alpha: Scaling numerator (``alpha / r``).
+        dropout: Dropout on the adapter input.
+        target_modules: As for :class:`LoRA`.
+        use_rslora: Rank-stabilised scaling.
+        use_dora: Weight-decomposed LoRA (DoRA).
+        modules_to_save: Extra modules trained in full and saved with the adapter.
+        bits: 4 (NF4 or FP4) or 8 (LLM.int8).
+        quant_type: 4-bit data type: ``nf4`` (QLoRA paper) or ``fp4``.
+        double_quant: Quantise the quantisation constants too (saves ~0.4 bit per weight).
+        compute_dtype: Dtype of the de-quantised matmuls: ``bfloat16`` where supported, else ``float32``.
+    """
+
+    method = "lora"
+
+    def __init__(
+        self,
+        r: int = 16,
+        alpha: float = 32.0,
+        dropout: float = 0.05,
+        target_modules: str | list[str] = "all-linear",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        modules_to_save: list[str] | None = None,
+        bits: Literal[4, 8] = 4,
+        quant_type: Literal["nf4", "fp4"] = "nf4",
+        double_quant: bool = True,
+        compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+    ) -> None:
+        super().__init__(r, alpha, dropout, target_modules, use_rslora, use_dora, modules_to_save)
+        problems = []
+        if bits not in (4, 8):
+            problems.append(f"bits={bits} must be 4 or 8")
+        if quant_type not in ("nf4", "fp4"):
+            problems.append(f"quant_type={quant_type!r} must be nf4 or fp4")
+        _check(problems, "QLoRA")
+        self.bits, self.quant_type, self.double_quant, self.compute_dtype = bits, quant_type, double_quant, compute_dtype
+
+    def load_kwargs(self) -> dict[str, Any]:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ImportError(
+                'QLoRA needs bitsandbytes: pip install "lightning_ft[qlora]" (or pip install bitsandbytes).'
+            ) from err
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == 8:
+            return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+        return {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=self.quant_type,
+                bnb_4bit_use_double_quant=self.double_quant,
+                bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
+            )
+        }
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32 and makes inputs require grads so the frozen quantised base passes gradients.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return super().attach(model)
+
+
+class PeftAdapter:
+    """Any other ``peft`` method, given as its config (IA3, LoHa, prefix tuning, ...), passed through unchanged.
+
+    In YAML, give the peft config class itself as the adapter; the module wraps it::
+
+        adapter:
+          class_path: peft.IA3Config
+          init_args: {target_modules: [k_proj, v_proj, down_proj], feedforward_modules: [down_proj]}
+    """
+
+    method = "peft"
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+
+        if self.config.task_type is None:
+            self.config.task_type = "CAUSAL_LM"
+        return get_peft_model(model, self.config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"class": type(self.config).__name__, **self.config.to_dict()}
 
 
 class FullFineTune:
@@ -115,6 +222,9 @@ class FullFineTune:
         _check(problems, "FullFineTune")
         self.freeze = list(freeze or [])
 
+    def load_kwargs(self) -> dict[str, Any]:
+        return {}
+
     def attach(self, model: nn.Module) -> nn.Module:
         """Mark parameters trainable except those matching ``freeze``; fail if a pattern matches nothing."""
         names = [name for name, _ in model.named_parameters()]
@@ -126,4 +236,4 @@ class FullFineTune:
         return model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"class": "FullFineTune", **vars(self)}
+        return {"class": type(self).__name__, **vars(self)}

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -141,10 +143,32 @@ def load_tokenizer(spec: str, chat_template: str | None = None):
     return _load_tokenizer(resolve_model(spec), chat_template)
 
 
-def load_model(spec: str, dtype: str = "float32"):
-    """Load a causal LM for a model spec with remote code disabled and safetensors preferred."""
+def load_model(spec: str, dtype: str = "float32", **kwargs: Any):
+    """Load a causal LM for a model spec with remote code disabled and safetensors preferred.
+
+    Args:
+        spec: A model spec (see :func:`resolve_model`).
+        dtype: Weight dtype name.
+        kwargs: Passed to ``from_pretrained`` (e.g. ``quantization_config`` for QLoRA).
+    """
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        resolve_model(spec), dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=None
+        resolve_model(spec), dtype=getattr(torch, dtype), trust_remote_code=False, **kwargs
     )
+
+
+def base_fingerprint(model: Any) -> str:
+    """A short hash of a base model's architecture and a slice of its embeddings (not its name or path).
+
+    Tells bases apart in checkpoints: a checkpoint trained on one base must not load onto another, even
+    one of the same architecture (e.g. a base and its instruct variant).
+    """
+    fields = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "quantization_config", "dtype", "torch_dtype",
+                     "use_cache", "architectures"):
+        fields.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        digest.update(model.get_input_embeddings().weight[:4].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

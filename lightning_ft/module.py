@@ -14,14 +14,16 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
-from lightning_ft.adapters import FullFineTune, LoRA
-from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
+from peft import PeftConfig
+
+from lightning_ft.adapters import FullFineTune, LoRA, PeftAdapter, QLoRA
+from lightning_ft.models import DEFAULT_MODEL, base_fingerprint, load_model, load_tokenizer
 from lightning_ft.schedules import DecayName, lr_lambda, warmup_steps_for
 
 IGNORE_INDEX = -100
 #: Peak learning rates that work for each method, and the level above which forgetting is likely.
-DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
-DESTRUCTIVE_LR = {"lora": 1e-3, "full": 1e-4}
+DEFAULT_LR = {"lora": 2e-4, "peft": 2e-4, "full": 1e-5}
+DESTRUCTIVE_LR = {"lora": 1e-3, "peft": 1e-2, "full": 1e-4}
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
@@ -44,7 +46,8 @@ class FineTuneModule(pl.LightningModule):
     Args:
         model_name: Model spec: ``"smollm2-135m-instruct"`` (the embedded default), a ``.gguf`` file, a local
             Hugging Face directory, or a hub id.
-        adapter: What trains: ``LoRA(...)`` or ``FullFineTune(...)``. ``None`` means ``LoRA()``.
+        adapter: What trains: ``LoRA(...)``, ``QLoRA(...)``, ``FullFineTune(...)``, or any ``peft`` config
+            (e.g. ``peft.IA3Config``), passed through unchanged. ``None`` means ``LoRA()``.
         learning_rate: Peak learning rate. ``None`` picks the method's default (LoRA 2e-4, full 1e-5).
         weight_decay: AdamW weight decay for weight matrices (never applied to norms and biases).
         betas: AdamW betas.
@@ -60,7 +63,7 @@ class FineTuneModule(pl.LightningModule):
     def __init__(
         self,
         model_name: str = DEFAULT_MODEL,
-        adapter: LoRA | FullFineTune | None = None,
+        adapter: LoRA | QLoRA | FullFineTune | PeftConfig | None = None,
         learning_rate: float | None = None,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -73,7 +76,9 @@ class FineTuneModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.adapter = adapter if adapter is not None else LoRA()
+        if adapter is None:
+            adapter = LoRA()
+        self.adapter = PeftAdapter(adapter) if isinstance(adapter, PeftConfig) else adapter
         method = self.adapter.method
         lr = DEFAULT_LR[method] if learning_rate is None else learning_rate
         problems = []
@@ -106,6 +111,8 @@ class FineTuneModule(pl.LightningModule):
         self._step_started = 0.0
         self._step_tokens = 0
         self._val_sums: torch.Tensor | None = None
+        self._window_trained = 0  # trained tokens in the current gradient-accumulation window
+        self.base_fingerprint: str | None = None
         self.seen_tokens = {"tokens": 0, "trained_tokens": 0}
 
     # -- model ---------------------------------------------------------------------------------------
@@ -113,10 +120,8 @@ class FineTuneModule(pl.LightningModule):
         """Load the base model and attach the adapter (idempotent: Lightning may call it more than once)."""
         if self.model is not None:
             return
-        model = load_model(self.hparams.model_name, dtype=self.hparams.dtype)
-        if isinstance(self.adapter, LoRA):
-            for param in model.parameters():
-                param.requires_grad_(False)
+        model = load_model(self.hparams.model_name, dtype=self.hparams.dtype, **self.adapter.load_kwargs())
+        self.base_fingerprint = base_fingerprint(model)
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()  # LoRA freezes embeddings, which would cut the graph
@@ -146,7 +151,8 @@ class FineTuneModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n_trained = self._loss_sum(batch)
-        loss = loss_sum / n_trained.clamp(min=1)
+        loss = loss_sum.detach() / n_trained.clamp(min=1)
+        self._window_trained += int(n_trained)
         n_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
         self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
         # Running totals (this rank's; saved in checkpoints so they survive a resume).
@@ -155,7 +161,22 @@ class FineTuneModule(pl.LightningModule):
         self.log("train/tokens", float(self.seen_tokens["tokens"]), reduce_fx="max")
         self.log("train/trained_tokens", float(self.seen_tokens["trained_tokens"]), reduce_fx="max")
         self._step_tokens = int(n_tokens)
-        return loss
+        # Backpropagate the sum; on_before_optimizer_step divides the gradients by the trained tokens of the
+        # whole accumulation window on all ranks, so every trained token weighs the same however the
+        # batch is split into micro-batches or processes.
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        trainer = self.trainer
+        window = torch.tensor(float(self._window_trained), device=self.device)
+        total = trainer.strategy.reduce(window, reduce_op="sum").clamp(min=1.0)
+        # Lightning already divided each micro-batch loss by accumulate_grad_batches and DDP averages over ranks.
+        scale = trainer.accumulate_grad_batches * trainer.world_size / total
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale.to(param.grad.dtype))
+        self._window_trained = 0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
@@ -229,16 +250,25 @@ class FineTuneModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A LoRA checkpoint needs only the adapter: the frozen base is reloaded from the model spec.
-        if isinstance(self.adapter, LoRA):
+        if self.adapter.method != "full":
             keep = self._trainable_keys()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["lightning_ft"] = {
-            "model": self.hparams.model_name, "adapter": self.adapter.to_dict(), "seen_tokens": dict(self.seen_tokens)
+            "model": self.hparams.model_name,
+            "base_fingerprint": self.base_fingerprint,
+            "adapter": self.adapter.to_dict(),
+            "seen_tokens": dict(self.seen_tokens),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.seen_tokens.update(checkpoint.get("lightning_ft", {}).get("seen_tokens", {}))
-        if not isinstance(self.adapter, LoRA):
+        saved = checkpoint.get("lightning_ft", {})
+        self.seen_tokens.update(saved.get("seen_tokens", {}))
+        if saved.get("base_fingerprint") not in (None, self.base_fingerprint):
+            raise ValueError(
+                f"Checkpoint was trained on base model {saved.get('model')!r}, which differs from this module's "
+                f"base {self.hparams.model_name!r} (architecture or weights). Set model_name to the checkpoint's base."
+            )
+        if self.adapter.method == "full":
             return
         self.strict_loading = False  # the base weights are not in the checkpoint, by design
         expected, found = self._trainable_keys(), set(checkpoint["state_dict"])
