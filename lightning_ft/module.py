@@ -103,8 +103,9 @@ class FineTuneModule(pl.LightningModule):
                 "base model knew. Add a ForgettingCheck callback to measure it."
             )
         self.learning_rate = lr
+        # The adapter object stays out of hparams (LightningCLI re-parses them on --ckpt_path); its spec is
+        # saved under checkpoint["lightning_ft"]["adapter"] instead.
         self.save_hyperparameters(ignore=["adapter"])
-        self.hparams["adapter"] = self.adapter.to_dict()
         self.hparams["learning_rate"] = lr
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
@@ -258,11 +259,15 @@ class FineTuneModule(pl.LightningModule):
             "base_fingerprint": self.base_fingerprint,
             "adapter": self.adapter.to_dict(),
             "seen_tokens": dict(self.seen_tokens),
+            # Dropout masks after a resume match an uninterrupted run only if the RNG continues too.
+            "rng": {"torch": torch.get_rng_state()},
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("lightning_ft", {})
         self.seen_tokens.update(saved.get("seen_tokens", {}))
+        if "rng" in saved:
+            torch.set_rng_state(saved["rng"]["torch"])
         if saved.get("base_fingerprint") not in (None, self.base_fingerprint):
             raise ValueError(
                 f"Checkpoint was trained on base model {saved.get('model')!r}, which differs from this module's "

@@ -1,0 +1,88 @@
+"""Exact resume: a run interrupted mid-epoch continues with the same losses as an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from helpers import write_chat_file
+
+from lightning_ft import ChatDataModule, FineTuneModule, FullFineTune, LoRA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class LossRecorder(pl.Callback):
+    """Records the loss of every step; optionally checkpoints and stops at ``interrupt_at`` (a crash)."""
+
+    def __init__(self, interrupt_at=None, save_to=None):
+        self.losses, self.interrupt_at, self.save_to = {}, interrupt_at, save_to
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(trainer.callback_metrics["train/loss"])
+        if trainer.global_step == self.interrupt_at:
+            trainer.save_checkpoint(self.save_to)  # where ModelCheckpoint(every_n_train_steps) saves
+            trainer.should_stop = True
+
+
+def run(model_dir, train, tmp_path, adapter, max_steps, ckpt_path=None, interrupt_at=None, save_to=None):
+    pl.seed_everything(7)
+    recorder = LossRecorder(interrupt_at, save_to)
+    module = FineTuneModule(model_dir, adapter=adapter(), learning_rate=1e-3)
+    data = ChatDataModule(train, tokenizer=model_dir, batch_size=2)
+    trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[recorder])
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return recorder.losses, module
+
+
+@pytest.mark.parametrize("adapter", [lambda: LoRA(r=4, dropout=0.1), lambda: FullFineTune()], ids=["lora", "full"])
+def test_resume_mid_epoch_matches_uninterrupted_run(tiny_model_dir, tmp_path, adapter):
+    train = write_chat_file(tmp_path / "train.jsonl", 20)  # 10 batches per epoch: step 7 is mid-epoch
+    straight, _ = run(tiny_model_dir, train, tmp_path, adapter, max_steps=14)
+    ckpt = tmp_path / "mid.ckpt"
+    first, _ = run(tiny_model_dir, train, tmp_path, adapter, max_steps=14, interrupt_at=7, save_to=ckpt)
+    resumed, module = run(tiny_model_dir, train, tmp_path, adapter, max_steps=14, ckpt_path=ckpt)
+    assert sorted(resumed) == list(range(8, 15))  # continues at step 8, crosses into epoch 2
+    assert sorted(first) == list(range(1, 8))
+    for step in range(1, 8):
+        assert first[step] == pytest.approx(straight[step], rel=1e-6)
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
+    if module.adapter.method == "lora":  # the adapter is attached once, not twice
+        assert sum("lora_A" in n for n, _ in module.named_parameters()) == 2 * 7  # 2 layers x 7 linear
+
+
+def test_sigkilled_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
+    root = tmp_path / "runs"
+    args = [
+        sys.executable, "-m", "lightning_ft", "fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+        "--model.model_name", tiny_model_dir, "--trainer.precision", "32-true",
+        "--data.train_path", write_chat_file(tmp_path / "train.jsonl", 64), "--data.val_path", "null",
+        "--data.batch_size", "2", "--trainer.max_steps", "400", "--trainer.default_root_dir", str(root),
+        "--checkpoint.every_n_train_steps", "5", "--progress_bar.refresh_rate", "0",
+    ]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 180
+    while not last.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    time.sleep(1.0)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert last.exists(), "no checkpoint was written before the kill"
+    import torch
+
+    step = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < step < 400
+    resume = [a if a != "400" else str(step + 3) for a in args] + ["--ckpt_path", str(last)]
+    result = subprocess.run(resume, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = root / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    assert torch.load(final, weights_only=True)["global_step"] == step + 3
