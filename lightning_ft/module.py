@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from peft import PeftConfig
 
+from lightning_ft.export import atomic_directory
 from lightning_ft.adapters import FullFineTune, LoRA, PeftAdapter, QLoRA
 from lightning_ft.models import DEFAULT_MODEL, base_fingerprint, load_model, load_tokenizer
 from lightning_ft.schedules import DecayName, lr_lambda, warmup_steps_for
@@ -292,20 +291,7 @@ class FineTuneModule(pl.LightningModule):
         ``PeftModel.from_pretrained`` loads onto the base; full fine-tuning writes safetensors weights.
         The directory appears complete or not at all; an existing one is replaced only after success.
         """
-        target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
+        with atomic_directory(directory) as staging:
             self.model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
-            if target.exists():
-                old = target.with_name(f".{target.name}-old-{os.getpid()}")
-                os.replace(target, old)
-                os.replace(staging, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        os.chmod(target, 0o755)
-        return target
+        return Path(directory)

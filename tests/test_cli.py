@@ -16,6 +16,7 @@ from lightning_ft.data.formats import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+GPU_CONFIGS = [c for c in CONFIGS if c.stem.endswith("_gpu")]  # FSDP/DeepSpeed: refuse to build on a CPU
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +24,17 @@ def _in_repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # configs name example data relative to the repository
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+@pytest.mark.parametrize("config", GPU_CONFIGS, ids=[c.name for c in GPU_CONFIGS])
+def test_gpu_strategy_configs_parse(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "strategy:" in printed and "accelerator: gpu" in printed
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in GPU_CONFIGS],
+                         ids=[c.name for c in CONFIGS if c not in GPU_CONFIGS])
 def test_every_config_builds_module_datamodule_and_trainer(config):
     cli = main(["--config", str(config)], run=False)
     assert isinstance(cli.model, FineTuneModule) and isinstance(cli.datamodule, ChatDataModule)
@@ -83,3 +94,23 @@ def test_console_script_and_module_entry_point_answer_help():
                                 env={**os.environ, "COLUMNS": "200"})
         assert result.returncode == 0, result.stderr
         assert "--model.model_name" in result.stdout and "--data.train_path" in result.stdout
+
+
+def test_ddp_on_two_cpu_processes_trains_and_exports_once(tiny_model_dir, tmp_path):
+    root = tmp_path / "runs"
+    command = [
+        sys.executable, "-m", "lightning_ft", "fit", "--config", str(ROOT / "configs/ddp_cpu.yaml"),
+        "--model.model_name", tiny_model_dir,
+        "--data.train_path", write_chat_file(tmp_path / "train.jsonl", 16),
+        "--data.val_path", write_chat_file(tmp_path / "val.jsonl", 4, 50),
+        "--data.batch_size", "2", "--trainer.max_steps", "3", "--trainer.default_root_dir", str(root),
+        "--progress_bar.refresh_rate", "0",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    versions = list((root / "lightning_logs").iterdir())
+    assert [v.name for v in versions] == ["version_0"]  # rank 0 alone logs
+    assert (versions[0] / "hf_model" / "adapter_model.safetensors").is_file()
+    import torch
+
+    assert torch.load(versions[0] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -27,10 +27,9 @@ class SaveHFModel(pl.Callback):
         self.saved_to: Path | None = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_rank != 0 or not hasattr(pl_module, "save_pretrained"):
-            trainer.strategy.barrier("lightning_ft.save_hf")
-            return
+        # trainer.log_dir broadcasts from rank 0: every rank must ask for it, before any branching.
         root = Path(trainer.log_dir or trainer.default_root_dir)
-        self.saved_to = pl_module.save_pretrained(root / self.dirname)
-        rank_zero_info(f"Saved the fine-tuned model in Hugging Face format to {self.saved_to}")
+        if trainer.global_rank == 0 and hasattr(pl_module, "save_pretrained"):
+            self.saved_to = pl_module.save_pretrained(root / self.dirname)
+            rank_zero_info(f"Saved the fine-tuned model in Hugging Face format to {self.saved_to}")
         trainer.strategy.barrier("lightning_ft.save_hf")
