@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint
 
 from peft import PeftConfig
 
@@ -23,6 +24,10 @@ IGNORE_INDEX = -100
 #: Peak learning rates that work for each method, and the level above which forgetting is likely.
 DEFAULT_LR = {"lora": 2e-4, "peft": 2e-4, "full": 1e-5}
 DESTRUCTIVE_LR = {"lora": 1e-3, "peft": 1e-2, "full": 1e-4}
+
+
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
@@ -57,6 +62,9 @@ class FineTuneModule(pl.LightningModule):
         chat_template: A Jinja chat template replacing the tokenizer's own (keep it equal to the data's).
         dtype: Dtype the weights are loaded in; mixed precision is the Trainer's ``precision``.
         gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        trained_logits_only: Compute the output head and loss only at trained positions (same loss and
+            gradients, less compute and memory); ``False`` uses the model's full logits.
+        logits_chunk_size: Trained positions per chunk of head + loss.
     """
 
     def __init__(
@@ -73,6 +81,8 @@ class FineTuneModule(pl.LightningModule):
         chat_template: str | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_checkpointing: bool = False,
+        trained_logits_only: bool = True,
+        logits_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
         if adapter is None:
@@ -91,6 +101,8 @@ class FineTuneModule(pl.LightningModule):
             problems.append(f"warmup_steps={warmup_steps} must be >= 0")
         if not 0.0 <= min_lr_ratio <= 1.0:
             problems.append(f"min_lr_ratio={min_lr_ratio} must be in [0, 1]")
+        if logits_chunk_size < 1:
+            problems.append(f"logits_chunk_size={logits_chunk_size} must be >= 1")
         if decay not in ("cosine", "linear", "constant"):
             problems.append(f"decay={decay!r} must be one of cosine, linear, constant")
         if problems:
@@ -139,15 +151,47 @@ class FineTuneModule(pl.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     # -- steps ---------------------------------------------------------------------------------------
+    def _head_parts(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        """The decoder and the output head, when the loss may skip logits at untrained positions."""
+        if not self.hparams.trained_logits_only:
+            return None
+        if isinstance(self.adapter, PeftAdapter) and self.adapter.config.is_prompt_learning:
+            return None  # prompt tuning prepends virtual tokens inside PeftModel.forward
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if getattr(base.config, "final_logit_softcapping", None):
+            return None  # the head's output is transformed further in the model's own forward
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        return (decoder, head) if decoder is not None and head is not None else None
+
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token cross-entropy over trained positions, and how many positions that is."""
-        logits = self(batch["input_ids"], batch.get("attention_mask")).logits
+        """Summed next-token cross-entropy over trained positions, and how many positions that is.
+
+        By default the output head runs only where a label is trained, in chunks, instead of producing
+        ``vocab x sequence`` logits everywhere: the prompt, the system message and padding cost no head
+        FLOPs, and peak memory holds one chunk of logits.
+        """
         labels = batch["labels"][:, 1:]
-        logits = logits[:, :-1]
-        loss_sum = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        return loss_sum, (labels != IGNORE_INDEX).sum()
+        trained = labels != IGNORE_INDEX
+        parts = self._head_parts()
+        if parts is None:
+            logits = self(batch["input_ids"], batch.get("attention_mask")).logits[:, :-1]
+            loss_sum = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            return loss_sum, trained.sum()
+        decoder, head = parts
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
+        selected, targets = hidden[:, :-1][trained], labels[trained]
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, targets.numel(), self.hparams.logits_chunk_size):
+            chunk = slice(start, start + self.hparams.logits_chunk_size)
+            if torch.is_grad_enabled():
+                # Recompute the chunk's logits in backward rather than keep every chunk alive.
+                loss_sum = loss_sum + checkpoint(_chunk_loss, head, selected[chunk], targets[chunk], use_reentrant=False)
+            else:
+                loss_sum = loss_sum + _chunk_loss(head, selected[chunk], targets[chunk])
+        return loss_sum, trained.sum()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, n_trained = self._loss_sum(batch)

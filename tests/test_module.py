@@ -149,3 +149,37 @@ def test_save_pretrained_replaces_existing_directory_atomically(tiny_model_dir, 
     module.save_pretrained(target)
     assert not (target / "stale.txt").exists() and (target / "adapter_config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or backup left behind
+
+
+@pytest.mark.parametrize("adapter", [lambda: LoRA(r=4, dropout=0.0), lambda: FullFineTune()], ids=["lora", "full"])
+def test_trained_positions_only_loss_equals_full_logits_loss_and_gradients(tiny_model_dir, adapter):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (3, 17))
+    labels = ids.clone()
+    labels[:, :9] = -100
+    labels[1, 12:] = -100
+    mask = torch.ones_like(ids)
+    mask[2, 14:] = 0
+    labels[2, 14:] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    results = []
+    for trained_only, chunk in ((False, 1024), (True, 1024), (True, 5)):
+        torch.manual_seed(1)
+        module = FineTuneModule(tiny_model_dir, adapter=adapter(), trained_logits_only=trained_only,
+                                logits_chunk_size=chunk)
+        module.configure_model()
+        if module.adapter.method == "lora":  # non-zero B so adapter gradients are informative
+            for name, param in module.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(param, std=0.02)
+        loss_sum, count = module._loss_sum(batch)
+        loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        results.append((loss_sum.detach(), count, grads))
+    reference = results[0]
+    for loss_sum, count, grads in results[1:]:
+        assert count == reference[1] == 8 + 3 + 5
+        torch.testing.assert_close(loss_sum, reference[0], rtol=1e-5, atol=1e-5)
+        assert grads.keys() == reference[2].keys() and grads
+        for name in grads:
+            torch.testing.assert_close(grads[name], reference[2][name], rtol=1e-4, atol=1e-6)
