@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_ft import encode_conversation, load_tokenizer
 from lightning_ft.cli import main
+from lightning_ft.export import export
 from lightning_ft.models import resolve_model
 
 pytestmark = pytest.mark.slow
@@ -60,3 +61,10 @@ def test_cli_fit_on_default_model_exports_adapter_with_identical_logits(tmp_path
         assert torch.equal(reloaded(input_ids=tokens).logits, expected)
         with reloaded.disable_adapter():
             assert not torch.allclose(reloaded(input_ids=tokens).logits, expected)  # the adapter did learn
+
+    # The base came from a GGUF file, which transformers refuses to save: the merged export still works.
+    result = export(out, tmp_path / "merged", merge_adapter=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert result["kind"] == "merged"
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=tokens).logits, expected, atol=1e-3, rtol=1e-3)
