@@ -34,7 +34,12 @@ class FineTuneCLI(LightningCLI):
 
 #: Subcommands beyond Lightning's fit/validate/test/predict: name -> function(argv) -> exit code.
 #: Each lives in its own module under ``lightning_ft/commands`` and is imported only when used.
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {
+    "check-data": "lightning_ft.commands.check_data:run",
+    "generate": "lightning_ft.commands.generate:run",
+    "chat": "lightning_ft.commands.generate:chat",
+    "export": "lightning_ft.commands.export:run",
+}
 
 
 def main(args: list[str] | dict | None = None, run: bool = True) -> FineTuneCLI:

@@ -19,7 +19,9 @@ from lightning_ft.data.collate import (
     encode_conversation,
     truncate_example,
 )
-from lightning_ft.data.formats import FORMATS, Conversation, DataError, scan_file
+from lightning_ft.data.checks import lint_conversations
+from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
+from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem, scan_file
 from lightning_ft.models import load_tokenizer
 
 _STAT_KEYS = ("conversations", "train_conversations", "val_conversations", "tokens", "trained_tokens",
@@ -55,6 +57,7 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
                                "must be an integer >= 1, or None"),
         "num_workers": (_is_int(args["num_workers"]) and args["num_workers"] >= 0, "must be an integer >= 0"),
         "seed": (_is_int(args["seed"]), "must be an integer"),
+        "checks": (args["checks"] in ("warn", "strict", "off"), "must be one of: warn, strict, off"),
     }
     problems = [f"{key}={args[key]!r}: {allowed}" for key, (ok, allowed) in checks.items() if not ok]
     if args["val_path"] is not None and checks["val_fraction"][0] and args["val_fraction"] > 0:
@@ -67,7 +70,9 @@ class ChatDataModule(LightningDataModule):
     """Chat fine-tuning data: JSONL/JSON files in any supported format, assistant-only labels, dynamic padding.
 
     ``prepare_data`` checks every file and raises one :class:`~lightning_ft.data.formats.DataError`
-    listing every bad record (file, line, field) before Lightning writes anything. ``setup`` tokenises
+    listing every bad record (file, line, field) before Lightning writes anything. It then runs the
+    model-free checks of ``lightning_ft check-data`` (duplicates, train/validation leakage, mixed system
+    prompts, odd answer shapes, outlier lengths) and prints their warnings once. ``setup`` tokenises
     everything once, splits off validation data and logs a one-line report; the counts stay in
     :attr:`stats`.
 
@@ -90,6 +95,8 @@ class ChatDataModule(LightningDataModule):
         pad_to_multiple_of: Round each batch's padded length up to a multiple of this.
         num_workers: DataLoader worker processes.
         seed: Seeds the validation split and the training shuffle.
+        checks: Data checks before training: ``warn`` prints duplicates, leakage and inconsistencies once,
+            ``strict`` stops on them like on bad records, ``off`` skips them (bad records always stop a run).
 
     Example::
 
@@ -112,6 +119,7 @@ class ChatDataModule(LightningDataModule):
         pad_to_multiple_of: int | None = None,
         num_workers: int = 0,
         seed: int = 42,
+        checks: Literal["warn", "strict", "off"] = "warn",
     ) -> None:
         super().__init__()
         args = dict(locals())
@@ -131,6 +139,7 @@ class ChatDataModule(LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.num_workers = num_workers
         self.seed = seed
+        self.checks = checks
         #: A ready tokenizer object; when set it is used instead of loading ``tokenizer``.
         self.tokenizer_obj: Any = None
         #: Counts from :meth:`setup`: conversations, tokens, trained tokens, truncated, dropped.
@@ -138,7 +147,13 @@ class ChatDataModule(LightningDataModule):
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
 
-    def _read_files(self) -> dict[str, list[Conversation]]:
+    def scan(self) -> tuple[dict[str, list[Conversation]], list[DataProblem]]:
+        """Read the files without raising on bad records: the good conversations per file and every problem.
+
+        Returns:
+            ``{"train": [...], "val": [...]}`` (only the files that are set; see :meth:`split` for the
+            validation split) and the problems in file order.
+        """
         if self.train_path is None and self.val_path is None:
             raise ValueError("ChatDataModule has no data: set train_path (a .jsonl or .json file).")
         data, problems = {}, []
@@ -146,6 +161,10 @@ class ChatDataModule(LightningDataModule):
             if path is not None:
                 data[split], found = scan_file(path, self.format, self.system_prompt)
                 problems += found
+        return data, problems
+
+    def _read_files(self) -> dict[str, list[Conversation]]:
+        data, problems = self.scan()
         if problems:
             raise DataError(problems)
         return data
@@ -159,7 +178,8 @@ class ChatDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         self.setup(trainer.state.fn if trainer is not None else None)
 
-    def _split(self, data: dict[str, list[Conversation]]) -> tuple[list[Conversation], list[Conversation]]:
+    def split(self, data: dict[str, list[Conversation]]) -> tuple[list[Conversation], list[Conversation]]:
+        """Training and validation conversations: the files as read, or a seeded ``val_fraction`` split."""
         train, val = data.get("train", []), data.get("val", [])
         if self.val_path is not None or self.val_fraction == 0 or not train:
             return train, val
@@ -181,6 +201,20 @@ class ChatDataModule(LightningDataModule):
         if self.chat_template is None and getattr(self.tokenizer_obj, "chat_template", None) is None:
             raise ValueError("The tokenizer has no chat template: set `chat_template` (a Jinja string).")
         return self.tokenizer_obj
+
+    def _check(self, train: list[Conversation], val: list[Conversation]) -> None:
+        """Model-free data checks: warnings printed once (rank zero), or raised with ``checks="strict"``."""
+        if self.checks == "off":
+            return
+        findings = [f for f in lint_conversations({"train": train, "val": val}) if f.severity != "info"]
+        if not findings:
+            return
+        if self.checks == "strict" or any(f.severity == "error" for f in findings):
+            raise DataError([str(f) for f in findings])
+        shown = [str(f) for f in findings[:20]] + ([f"... and {len(findings) - 20} more"] if len(findings) > 20 else [])
+        rank_zero_warn(f"Data checks found {len(findings)} warning{'s' if len(findings) != 1 else ''} "
+                       "(`lightning_ft check-data` with the same arguments shows the full report; "
+                       "data.checks=strict stops on them):\n  " + "\n  ".join(shown))
 
     def _encode(self, conversations: list[Conversation], tokenizer: Any, stats: dict[str, int],
                 errors: list[str]) -> list[Example]:
@@ -220,7 +254,8 @@ class ChatDataModule(LightningDataModule):
         if self.train_path is None and stage in (None, "fit"):
             raise ValueError("ChatDataModule has no training data: set train_path (a .jsonl or .json file).")
         tokenizer = self._load_tokenizer()
-        train, val = self._split(files)
+        train, val = self.split(files)
+        self._check(train, val)
         stats = dict.fromkeys(_STAT_KEYS, 0)
         errors: list[str] = []
         self.train_examples = self._encode(train, tokenizer, stats, errors)
@@ -251,23 +286,36 @@ class ChatDataModule(LightningDataModule):
         return pad
 
     def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
-        # A seeded generator makes the shuffle reproducible while still differing from epoch to epoch.
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
+        # Seeded per epoch (seed + epoch): reproducible, different every epoch, and resumable mid-epoch.
+        sampler = ResumableSampler(len(examples), seed=self.seed, shuffle=shuffle)
+        return ResumableDataLoader(
             examples,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
+            # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
+            # run's dropout masks would drift from the uninterrupted run's.
+            generator=torch.Generator().manual_seed(self.seed),
             collate_fn=ChatCollator(self._pad_token_id(), self.pad_to_multiple_of),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
+        """Shuffled training batches; after a mid-epoch resume, only the batches the epoch has left."""
         if not self.train_examples:
             raise ValueError("No training data: set train_path and call setup('fit') first.")
-        return self._loader(self.train_examples, shuffle=True)
+        loader = self._loader(self.train_examples, shuffle=True)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            # Loop progress is restored from the checkpoint before Lightning asks for the loader.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if 0 < done < len(loader):
+                if trainer.world_size > 1:
+                    rank_zero_warn("Resuming mid-epoch under a multi-process strategy restarts the epoch's data "
+                                   "order from its beginning; single-process runs resume exactly.")
+                else:
+                    loader.sampler.resume_at(trainer.current_epoch, done * self.batch_size)
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in file order, or ``[]`` when there is no validation data."""

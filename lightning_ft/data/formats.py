@@ -290,6 +290,8 @@ def _load_records(path: str) -> _Loaded:
             records.append((number, json.loads(line)))
         except json.JSONDecodeError as error:
             problems.append(DataProblem(path, number, None, f"invalid JSON: {error.msg} (column {error.colno})"))
+        except RecursionError:
+            problems.append(DataProblem(path, number, None, "invalid record: JSON nested too deeply"))
     return records, "line", problems
 
 
@@ -302,6 +304,8 @@ def _parse_json_list(path: str, text: str) -> _Loaded:
         hint = " (one record per line belongs in a .jsonl file)" if error.msg == "Extra data" else ""
         return [], "line", [DataProblem(path, error.lineno, None,
                                         f"invalid JSON: {error.msg} (column {error.colno}){hint}")]
+    except RecursionError:
+        return [], "record", [DataProblem(path, None, None, "invalid JSON: nested too deeply")]
     if not isinstance(value, list):
         return [], "record", [DataProblem(path, None, None, f"a .json file must hold a list of records, "
                                                             f"got {_type_name(value)}")]

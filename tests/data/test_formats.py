@@ -265,3 +265,11 @@ def test_check_conversation_rules():
         "alternate user, assistant), got 'user'",
         "messages[2].content: content must be a string, got a number",
     ]
+
+
+def test_deeply_nested_line_is_a_problem_not_a_crash(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text("[" * 100000 + "\n" + json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n")
+    conversations, problems = scan_file(str(path))
+    assert [str(p) for p in problems] == [f"{path}:1: invalid record: JSON nested too deeply"]
+    assert len(conversations) == 1

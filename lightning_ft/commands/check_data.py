@@ -1,0 +1,245 @@
+"""``lightning_ft check-data``: lint the data of a ``fit`` configuration and rank what the base model finds odd.
+
+Takes the same ``--config`` and override keys as ``fit``, plus the options below::
+
+    lightning_ft check-data --config configs/quickstart.yaml --data.train_path my.jsonl
+    lightning_ft check-data --config configs/quickstart.yaml --json --strict --surprise_top 0
+
+Exit code 0 when there are no errors (and, with ``--strict``, no warnings), 1 otherwise; a file that
+cannot be read at all (missing, a directory, not UTF-8) is a one-line error on stderr with exit code 1,
+and a bad command line exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lightning_ft.data.checks import (
+    NEAR_DUPLICATE_THRESHOLD,
+    Finding,
+    answer_text,
+    lint_conversations,
+    problem_finding,
+    prompt_text,
+    token_checks,
+)
+from lightning_ft.data.formats import Conversation, scan_file
+
+PROG = "lightning_ft check-data"
+_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False,
+        description="Check every record of the train and validation files of a fit configuration: bad records, "
+                    "token counts and truncation, duplicates, leakage, inconsistencies, and the examples the "
+                    "base model finds most surprising.",
+        epilog="Every other argument is a `lightning_ft fit` argument (--config FILE, --data.train_path, "
+               "--data.max_length, --model.model_name, ...). Exit code: 0 clean, 1 errors (or warnings with "
+               "--strict), 2 bad command line.")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    parser.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    parser.add_argument("--surprise_top", type=int, default=10, metavar="N",
+                        help="list the N examples with the highest base-model loss (0 skips loading the model)")
+    parser.add_argument("--surprise_max", type=int, default=2000, metavar="N",
+                        help="score at most the first N conversations (bounds the cost)")
+    parser.add_argument("--surprise_batch_size", type=int, default=4, metavar="N")
+    parser.add_argument("--near_threshold", type=float, default=NEAR_DUPLICATE_THRESHOLD, metavar="T",
+                        help="word 3-gram Jaccard similarity from which conversations count as near-duplicates")
+    parser.add_argument("--show", type=int, default=20, metavar="N", help="table rows per finding code")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _held_out_sets(trainer: Any) -> list[tuple[str, str, str | None]]:
+    """``(name, path, system prompt)`` of every TaskEval data file configured: leaking into training inflates it."""
+    from lightning_ft.callbacks.task_eval import TaskEval
+
+    return [(f"TaskEval {cb.name}", cb.data_path, cb.system_prompt)
+            for cb in getattr(trainer, "callbacks", []) if isinstance(cb, TaskEval)]
+
+
+def surprise_scores(module: Any, model: Any, examples: list[dict[str, list[int]]], pad_token_id: int,
+                    batch_size: int) -> list[float]:
+    """Mean loss on trained tokens per example with ``module.predict_step`` on ``model`` (the bare base model)."""
+    import torch
+
+    from lightning_ft.data.collate import collate
+
+    module.model = model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
+    losses = [0.0] * len(examples)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = collate([examples[i] for i in chunk], pad_token_id)
+            for i, loss in zip(chunk, module.predict_step(batch, start)["loss"].tolist()):
+                losses[i] = loss
+    return losses
+
+
+def _surprises(cli: Any, scored: list[tuple[Conversation, dict]], tokenizer: Any, options: Any) -> dict[str, Any]:
+    from lightning_ft.models import load_model
+
+    pairs = scored[: options.surprise_max]
+    model = load_model(cli.model.hparams.model_name, dtype=cli.model.hparams.dtype)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses = surprise_scores(cli.model, model, [example for _, example in pairs], pad, options.surprise_batch_size)
+    ranked = sorted(zip(losses, pairs), key=lambda item: -item[0])[: options.surprise_top]
+    return {
+        "scored": len(pairs), "median_loss": statistics.median(losses) if losses else None,
+        "top": [{"location": c.source, "loss": round(loss, 4), "prompt": prompt_text(c), "answer": answer_text(c)}
+                for loss, (c, _) in ranked],
+    }
+
+
+def _too_deep(paths: list[str]) -> str:
+    for path in paths:
+        for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
+            try:
+                json.loads(line)
+            except RecursionError:
+                return f"{path}:{number}: JSON nested too deeply to parse"
+            except ValueError:
+                continue
+    return f"{', '.join(paths)}: JSON nested too deeply to parse"
+
+
+def build_report(cli: Any, options: Any) -> dict[str, Any] | str:
+    """The full report as plain data, or the one-line error when a file cannot be read at all."""
+    from lightning_ft.models import load_tokenizer
+
+    data_module = cli.datamodule
+    held_out = _held_out_sets(cli.trainer)
+    extra: dict[str, list[Conversation]] = {}
+    try:
+        data, problems = data_module.scan()
+        for name, path, system_prompt in held_out:
+            extra[name], found = scan_file(path, data_module.format, system_prompt)
+            problems += found
+    except RecursionError:  # json raises it, not JSONDecodeError, for absurdly nested values
+        paths = [data_module.train_path, data_module.val_path] + [path for _, path, _ in held_out]
+        return _too_deep([path for path in paths if path is not None])
+    findings = [problem_finding(problem) for problem in problems]
+    unreadable = [f"{f.location}: {f.message}" for f in findings if f.code == "unreadable-file"]
+    if unreadable:
+        return "; ".join(unreadable)
+    train, val = data_module.split(data)
+    splits = {"train": train, "val": val, **extra}
+    findings += lint_conversations(splits, options.near_threshold)
+    tokenizer = load_tokenizer(data_module.tokenizer, data_module.chat_template)
+    stats, scored = {}, []
+    for name, conversations in (("train", train), ("val", val)):
+        if name == "train" or conversations:
+            stats[name], found, kept = token_checks(conversations, tokenizer, data_module.max_length,
+                                                    data_module.truncation, data_module.chat_template)
+            findings += found
+            scored += kept
+    surprises = _surprises(cli, scored, tokenizer, options) if options.surprise_top > 0 and scored else None
+    if options.strict:
+        findings = [Finding("error", f.code, f.location, f.message) if f.severity == "warning" else f
+                    for f in findings]
+    findings.sort(key=lambda f: _SEVERITY_ORDER[f.severity])
+    counts = Counter(f.severity for f in findings)
+    return {
+        "ok": counts["error"] == 0,
+        "counts": {severity: counts[severity] for severity in _SEVERITY_ORDER},
+        "files": {"train": data_module.train_path, "val": data_module.val_path,
+                  **{name: path for name, path, _ in held_out}},
+        "max_length": data_module.max_length,
+        "stats": stats,
+        "findings": [f.to_dict() for f in findings],
+        "surprises": surprises,
+    }
+
+
+def _print_report(report: dict[str, Any], show: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    styles = {"error": "bold red", "warning": "yellow", "info": "dim"}
+    table = Table(title="Findings", show_lines=False)
+    for column in ("severity", "code", "location", "message"):
+        table.add_column(column, overflow="fold")
+    shown: Counter = Counter()
+    for finding in report["findings"]:
+        shown[finding["code"]] += 1
+        if shown[finding["code"]] <= show:
+            table.add_row(*(finding[k] for k in ("severity", "code", "location", "message")),
+                          style=styles[finding["severity"]])
+    hidden = {code: n - show for code, n in shown.items() if n > show}
+    if report["findings"]:
+        console.print(table)
+    for code, n in hidden.items():
+        console.print(f"  ... and {n} more {code} (--json lists every finding)", style="dim")
+    stats = Table(title=f"Data (max_length={report['max_length']})")
+    stats.add_column("")
+    for split in report["stats"]:
+        stats.add_column(split, justify="right")
+    rows = [("conversations", lambda s: s["conversations"])]
+    rows += [(f"{role} turns", lambda s, r=role: s["turns"][r]) for role in ("system", "user", "assistant")]
+    rows += [(f"{role} tokens", lambda s, r=role: s["tokens"][r]) for role in ("system", "user", "assistant")]
+    rows += [(key.replace("_", " "), lambda s, k=key: s[k])
+             for key in ("total_tokens", "trained_tokens", "truncated", "dropped", "assistant_tokens_lost")]
+    for label, value in rows:
+        stats.add_row(label, *(f"{value(s):,}" for s in report["stats"].values()))
+    console.print(stats)
+    surprises = report["surprises"]
+    if surprises and surprises["top"]:
+        table = Table(title=f"Most surprising to the base model: mean loss on assistant tokens "
+                            f"(median {surprises['median_loss']:.3f} over {surprises['scored']} conversations)")
+        for column in ("loss", "location", "prompt", "answer"):
+            table.add_column(column, overflow="fold")
+        for item in surprises["top"]:
+            table.add_row(f"{item['loss']:.3f}", item["location"], _short(item["prompt"]), _short(item["answer"], 120))
+        console.print(table)
+    counts = report["counts"]
+    verdict = "[green]OK[/green]" if report["ok"] else "[bold red]FAILED[/bold red]"
+    console.print(f"{verdict}: {counts['error']} errors, {counts['warning']} warnings, {counts['info']} info")
+
+
+def _short(text: str, width: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def run(argv: list[str]) -> int:
+    """Entry point of ``lightning_ft check-data``; returns the exit code."""
+    parser = _parser()
+    options, rest = parser.parse_known_args(argv)
+    if options.surprise_top < 0 or options.surprise_max < 1 or options.surprise_batch_size < 1 or options.show < 0:
+        parser.error("--surprise_top and --show must be >= 0, --surprise_max and --surprise_batch_size >= 1")
+    if not 0.0 < options.near_threshold <= 1.0:
+        parser.error(f"--near_threshold={options.near_threshold} must be in (0, 1]")
+    from lightning_ft.cli import main
+
+    try:
+        with warnings.catch_warnings():  # args differ from sys.argv on purpose: the check-data options are removed
+            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
+            cli = main(rest, run=False)
+    except SystemExit as error:  # the config parser already printed what is wrong
+        return 2 if error.code else 0
+    try:
+        report = build_report(cli, options)
+    except (ValueError, OSError) as error:  # no data configured, a bad split, a model that cannot load
+        return _fail(str(error).splitlines()[0])
+    if isinstance(report, str):
+        return _fail(report)
+    if options.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        _print_report(report, options.show)
+    return 0 if report["ok"] else 1
