@@ -62,11 +62,11 @@ def main(args: list[str] | dict | None = None, run: bool = True) -> FineTuneCLI:
 
 def console_main(argv: list[str] | None = None) -> int:
     """The ``lightning_ft`` command: an extra subcommand by name, else LightningCLI. Returns the exit code."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in EXTRA_COMMANDS:
-        module_name, function = EXTRA_COMMANDS[argv[0]].split(":")
-        return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
-    main(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in EXTRA_COMMANDS:
+        module_name, function = EXTRA_COMMANDS[args[0]].split(":")
+        return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
+    main(argv)  # None lets LightningCLI read sys.argv itself (it warns when given both)
     return 0
 
 
