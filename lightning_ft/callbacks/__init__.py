@@ -1,5 +1,7 @@
 """Lightning callbacks of lightning_ft: each file one purpose."""
 
 from lightning_ft.callbacks.export import SaveHFModel
+from lightning_ft.callbacks.forgetting import ForgettingCheck
+from lightning_ft.callbacks.task_eval import TaskEval
 
-__all__ = ["SaveHFModel"]
+__all__ = ["ForgettingCheck", "SaveHFModel", "TaskEval"]

@@ -8,26 +8,28 @@ One item per line::
 
 Scoring mirrors lm-evaluation-harness's zero-shot ``output_type: multiple_choice`` exactly, so numbers
 agree with an lm-eval task defined with ``doc_to_text: "Question: {{question}}\\nAnswer:"``,
-``doc_to_choice: "{{choices}}"`` and ``doc_to_target: "{{answer}}"``:
+``doc_to_choice: "{{choices}}"`` and ``doc_to_target: answer``:
 
 - context ``"Question: {question}\\nAnswer:"``, continuation ``" " + choice`` (lm-eval's default
   ``target_delimiter``);
-- the pair is tokenised without special tokens (lm-eval's default for causal LMs) as
+- the pair is tokenised with the tokenizer's default special tokens (lm-eval's ``HFLM`` default when
+  ``add_bos_token`` is unset: a BOS for Llama-style tokenizers, nothing for GPT-2-style ones) as
   ``encode(context)`` followed by ``encode(context + continuation)[len(encode(context)):]``, so a BPE
   merge across the boundary is resolved the same way lm-eval resolves it;
 - a choice's score is the summed log-probability of its continuation tokens;
-- ``acc``: the highest score is the answer; ``acc_norm``: the highest score divided by the choice's
-  length in characters (lm-eval's ``len(choice)``, the choice text without the delimiter; that is the
-  byte length for ASCII text). Ties go to the first choice (``numpy.argmax``).
+- ``acc``: the choice with the highest score is the answer; ``acc_norm``: the highest score divided by
+  the choice's length in characters (lm-eval's ``len(choice)``, without the delimiter; lm-eval's separate ``acc_bytes``
+  divides by UTF-8 bytes, which is the same for ASCII choices). Ties go to the first choice
+  (``numpy.argmax``).
 
-All (item, choice) pairs are scored together in right-padded batches sorted by length, so a benchmark
-costs a few forward passes rather than one per choice.
+Items are scored in batches, each question read once with its KV cache shared by its choices (see
+:func:`choice_loglikelihoods`), so 100 four-choice items cost a few forward passes.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,17 +149,15 @@ def context_for(item: MCItem) -> str:
 
 
 @dataclass(frozen=True)
-class Request:
-    """One (item, choice) pair, tokenised: ``tokens`` = context then continuation; the last ``n_scored`` count."""
+class EncodedItem:
+    """An item as token ids: the shared context, and each choice's continuation (lm-eval's split)."""
 
-    item: int
-    choice: int
-    tokens: tuple[int, ...]
-    n_scored: int
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -171,74 +171,109 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return context_ids, whole[len(context_ids):]
 
 
-def encode_requests(items: Sequence[MCItem], tokenizer: Any, max_length: int | None = None) -> list[Request]:
-    """Every (item, choice) pair of ``items`` as token ids, ready for :func:`score_requests`.
-
-    Args:
-        items: The questions.
-        tokenizer: A Hugging Face tokenizer.
-        max_length: Keep the last ``max_length`` tokens of a long pair (as lm-eval does); ``None`` keeps all.
-    """
-    requests = []
-    for index, item in enumerate(items):
+def encode_items(items: Sequence[MCItem], tokenizer: Any) -> list[EncodedItem]:
+    """Every item's context and choice continuations as token ids, ready for :func:`choice_loglikelihoods`."""
+    encoded = []
+    for item in items:
+        continuations = []
         for choice, text in enumerate(item.choices):
-            context_ids, continuation_ids = encode_pair(tokenizer, context_for(item), " " + text)
-            if not continuation_ids:
-                raise ValueError(f"{item.source}: choice {choice} {text!r} encodes to no tokens")
-            tokens = (context_ids + continuation_ids)[-max_length:] if max_length else context_ids + continuation_ids
-            requests.append(Request(index, choice, tuple(tokens), min(len(continuation_ids), len(tokens) - 1)))
-    return requests
+            context, continuation = encode_pair(tokenizer, context_for(item), " " + text)
+            if not context or not continuation:
+                raise ValueError(f"{item.source}: choice {choice} {text!r} leaves no context or continuation tokens")
+            continuations.append(tuple(continuation))
+        encoded.append(EncodedItem(tuple(context), tuple(continuations)))
+    return encoded
 
 
-def _forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+def _forward(model: Any, **inputs: Any) -> Any:
+    try:  # transformers >= 4.50 computes the output head only where asked
+        return model(**inputs, logits_to_keep=1)
+    except TypeError:
+        return model(**inputs)
+
+
+def _score_group(model: Any, group: Sequence[EncodedItem], pad_token_id: int) -> list[list[float]]:
+    """Contexts once (left-padded, with the KV cache kept), then every continuation against its context's cache."""
+    device = next(model.parameters()).device
+    width = max(len(item.context) for item in group)
+    context = torch.full((len(group), width), pad_token_id, dtype=torch.long)
+    context_mask = torch.zeros((len(group), width), dtype=torch.long)
+    for row, item in enumerate(group):
+        context[row, width - len(item.context):] = torch.tensor(item.context)
+        context_mask[row, width - len(item.context):] = 1
+    # Explicit positions: a left-padded context starts at position 0 as it would alone.
+    positions = (context_mask.cumsum(-1) - 1).clamp(min=0)
+    out = _forward(model, input_ids=context.to(device), attention_mask=context_mask.to(device),
+                   position_ids=positions.to(device), use_cache=True)
+    first = out.logits[:, -1].float().log_softmax(-1).cpu()  # predicts each continuation's first token
+    owners = [row for row, item in enumerate(group) for _ in item.continuations]
+    continuations = [tokens for item in group for tokens in item.continuations]
+    scores = [first[owner, tokens[0]].item() for owner, tokens in zip(owners, continuations)]
+    # The rest of a continuation is predicted from its own earlier tokens: feed all but its last token.
+    longer = [row for row, tokens in enumerate(continuations) if len(tokens) > 1]
+    if longer:
+        cache, index = out.past_key_values, torch.tensor([owners[row] for row in longer])
+        if not hasattr(cache, "reorder_cache"):
+            raise TypeError(f"{type(model).__name__} returned no transformers KV cache (got {type(cache).__name__}); "
+                            "benchmark scoring shares each question's cache between its choices.")
+        cache.reorder_cache(index.to(device))  # one copy of its context's cache per continuation
+        length = max(len(continuations[row]) - 1 for row in longer)
+        ids = torch.full((len(longer), length), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(longer), length), dtype=torch.long)
+        for line, row in enumerate(longer):
+            ids[line, :len(continuations[row]) - 1] = torch.tensor(continuations[row][:-1])
+            mask[line, :len(continuations[row]) - 1] = 1
+        positions = context_mask.sum(-1)[index, None] + torch.arange(length)
+        logits = model(input_ids=ids.to(device), attention_mask=torch.cat([context_mask[index], mask], 1).to(device),
+                       position_ids=positions.to(device), past_key_values=cache, use_cache=True).logits
+        for line, row in enumerate(longer):
+            tokens = continuations[row]
+            predicted = logits[line, :len(tokens) - 1].float().log_softmax(-1).cpu()
+            scores[row] += predicted.gather(-1, torch.tensor(tokens[1:])[:, None]).sum().item()
+    per_item: list[list[float]] = [[] for _ in group]
+    for owner, score in zip(owners, scores):
+        per_item[owner].append(score)
+    return per_item
 
 
 @torch.no_grad()
-def score_requests(model: Any, requests: Sequence[Request], batch_size: int = 16, pad_token_id: int = 0,
-                   forward: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] = _forward) -> torch.Tensor:
-    """Summed continuation log-likelihood of every request, in float64, in the order given.
+def choice_loglikelihoods(model: Any, encoded: Sequence[EncodedItem], batch_size: int = 16,
+                          pad_token_id: int = 0) -> list[list[float]]:
+    """Summed continuation log-probability of every choice of every item, in order.
 
-    Requests are sorted longest first and right-padded per batch, so similar lengths share a batch and
-    the first batch shows at once whether the largest one fits in memory.
+    Each batch of ``batch_size`` items costs two forward passes: the contexts, whose last position
+    predicts every choice's first token, then the choices' remaining tokens on a copy of their
+    context's KV cache. A question is so read once, not once per choice, and a choice's last token is
+    never fed: on the shipped benchmark that is 3.5x fewer tokens than lm-eval's one sequence per
+    (context, choice), for the same numbers to float rounding. Items are sorted by context length so a
+    batch holds similar lengths.
     """
-    device = next(model.parameters()).device
-    scores = torch.zeros(len(requests), dtype=torch.float64)
-    order = sorted(range(len(requests)), key=lambda index: -len(requests[index].tokens))
+    order = sorted(range(len(encoded)), key=lambda index: -len(encoded[index].context))
+    results: list[list[float]] = [[] for _ in encoded]
     for start in range(0, len(order), batch_size):
-        batch = [requests[index] for index in order[start:start + batch_size]]
-        length = len(batch[0].tokens)
-        input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for row, request in enumerate(batch):
-            input_ids[row, :len(request.tokens)] = torch.tensor(request.tokens)
-            attention_mask[row, :len(request.tokens)] = 1
-        logits = forward(model, input_ids.to(device), attention_mask.to(device))
-        for row, request in enumerate(batch):
-            end = len(request.tokens)
-            # Position t predicts token t + 1: the scored tokens are predicted by the n positions before them.
-            predicted = logits[row, end - 1 - request.n_scored:end - 1].float().log_softmax(dim=-1)
-            targets = input_ids[row, end - request.n_scored:end].to(device)
-            scores[order[start + row]] = predicted.gather(-1, targets[:, None]).sum().double().cpu()
-    return scores
+        chunk = order[start:start + batch_size]
+        for index, scores in zip(chunk, _score_group(model, [encoded[i] for i in chunk], pad_token_id)):
+            results[index] = scores
+    return results
 
 
-def item_outcomes(items: Sequence[MCItem], requests: Sequence[Request], scores: torch.Tensor) -> torch.Tensor:
+def item_outcomes(items: Sequence[MCItem], scores: Mapping[int, Sequence[float]]) -> torch.Tensor:
     """``(len(items), 2)`` float64: whether each item is right by ``acc`` and by ``acc_norm``.
 
-    Items with no request in ``requests`` (another rank's shard) stay zero, so shards add up.
+    Args:
+        items: All items.
+        scores: Choice log-likelihoods of the items scored here, by item index. Items left out (another
+            rank's shard) stay zero, so the outcomes of all shards add up.
     """
-    per_item: dict[int, list[tuple[int, float]]] = {}
-    for request, score in zip(requests, scores.tolist()):
-        per_item.setdefault(request.item, []).append((request.choice, score))
     outcomes = torch.zeros(len(items), 2, dtype=torch.float64)
-    for index, pairs in per_item.items():
+    for index, choice_scores in scores.items():
         item = items[index]
-        pairs.sort()
-        best = max(range(len(pairs)), key=lambda k: (pairs[k][1], -k))
-        best_norm = max(range(len(pairs)), key=lambda k: (pairs[k][1] / len(item.choices[pairs[k][0]]), -k))
-        outcomes[index, 0] = float(pairs[best][0] == item.answer)
-        outcomes[index, 1] = float(pairs[best_norm][0] == item.answer)
+        normalised = [score / len(choice) for score, choice in zip(choice_scores, item.choices)]
+        # max() keeps the first of equal scores, like numpy.argmax in lm-eval.
+        best = max(range(len(choice_scores)), key=lambda k: choice_scores[k])
+        best_norm = max(range(len(normalised)), key=lambda k: normalised[k])
+        outcomes[index, 0] = float(best == item.answer)
+        outcomes[index, 1] = float(best_norm == item.answer)
     return outcomes
 
 
@@ -256,14 +291,13 @@ def summarize(items: Sequence[MCItem], outcomes: torch.Tensor) -> dict[str, floa
 
 
 def score_benchmark(model: Any, tokenizer: Any, items: Sequence[MCItem], batch_size: int = 16) -> dict[str, float]:
-    """Score ``items`` on one process: :func:`encode_requests`, :func:`score_requests`, :func:`summarize`.
+    """Score ``items`` on one process (the model in eval mode): encode, score every choice, summarize.
 
     Example::
 
         items = read_benchmark()  # the shipped general benchmark
         score_benchmark(model.eval(), tokenizer, items)["acc"]
     """
-    requests = encode_requests(items, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = score_requests(model, requests, batch_size, pad)
-    return summarize(items, item_outcomes(items, requests, scores))
+    scores = choice_loglikelihoods(model, encode_items(items, tokenizer), batch_size, pad)
+    return summarize(items, item_outcomes(items, dict(enumerate(scores))))
