@@ -89,7 +89,8 @@ def _item_issues(record: Any) -> list[tuple[str | None, str]]:
         if not isinstance(answer, int) or isinstance(answer, bool):
             issues.append(("answer", f"must be an integer index into choices, got {answer!r:.40}"))
         elif choices_ok and not 0 <= answer < len(choices):
-            issues.append(("answer", f"{answer} is out of range for {len(choices)} choices (allowed 0..{len(choices) - 1})"))
+            allowed = f"allowed 0..{len(choices) - 1}"
+            issues.append(("answer", f"{answer} is out of range for {len(choices)} choices ({allowed})"))
     subject = record.get("subject", NO_SUBJECT)
     if not isinstance(subject, str) or not subject.strip():
         issues.append(("subject", f"must be a non-empty string when present, got {subject!r:.40}"))

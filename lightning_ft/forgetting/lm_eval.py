@@ -25,7 +25,8 @@ def require_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError as error:
-        raise ImportError(f"lm_eval_tasks need lm-evaluation-harness, which is not installed: {INSTALL_HINT}") from error
+        raise ImportError(
+            f"lm_eval_tasks need lm-evaluation-harness, which is not installed: {INSTALL_HINT}") from error
 
 
 @lru_cache(maxsize=4)

@@ -34,8 +34,8 @@ def summary_table(history: Sequence[Mapping[str, Any]], metric: str = "acc",
         before, after = first["metrics"][key], last["metrics"][key]
         change = after - before
         worse = change > 0 if key == "kl" else change < 0
-        style = "red" if worse and abs(change) > 1e-12 else ""
-        table.add_row(key, f"{before:.4f}", f"{after:.4f}", f"[{style}]{change:+.4f}[/{style}]" if style else f"{change:+.4f}")
+        shown = f"[red]{change:+.4f}[/red]" if worse and abs(change) > 1e-12 else f"{change:+.4f}"
+        table.add_row(key, f"{before:.4f}", f"{after:.4f}", shown)
     failed = [record["step"] for record in history if not record["ok"]]
     notes = [f"{len(history)} checks, {sum(record['seconds'] for record in history):.1f} s scoring"]
     if time_share is not None:

@@ -18,7 +18,7 @@ def test_forgetting_overlay_builds_the_callback_and_checkpoint_monitor(monkeypat
     cli = main(["--config", "configs/quickstart.yaml", "--config", "configs/forgetting_quickstart.yaml"], run=False)
     checks = [c for c in cli.trainer.callbacks if isinstance(c, ForgettingCheck)]
     assert len(checks) == 1 and checks[0].max_accuracy_drop == 0.05 and checks[0].action == "warn"
-    assert len(checks[0].probe.items) == 100 and len(checks[0].probe.conversations) == 8
+    assert len(checks[0].probe.items) == 100 and len(checks[0].probe.conversations) == 4
     checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
     assert checkpoint.monitor == "forgetting/score" and checkpoint.mode == "max"
 
