@@ -238,14 +238,7 @@ class FineTuneModule(pl.LightningModule):
         self._val_sums += torch.stack([loss_sum.detach().double(), n_trained.double()])
 
     def on_validation_epoch_end(self) -> None:
-        # Token-weighted over the whole set (and all ranks), not a mean of per-batch means.
-        sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        if sums[1] == 0:
-            return
-        loss = (sums[0] / sums[1]).float()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/perplexity", torch.exp(loss.clamp(max=50.0)))
-        self.log("val/trained_tokens", sums[1].float())
+        self._log_token_weighted("val")
 
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
@@ -254,11 +247,17 @@ class FineTuneModule(pl.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
+        self._log_token_weighted("test")
+
+    def _log_token_weighted(self, prefix: str) -> None:
+        # Token-weighted over the whole set (and all ranks), not a mean of per-batch means.
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-        if sums[1] > 0:
-            loss = (sums[0] / sums[1]).float()
-            self.log("test/loss", loss)
-            self.log("test/perplexity", torch.exp(loss.clamp(max=50.0)))
+        if sums[1] == 0:
+            return
+        loss = (sums[0] / sums[1]).float()
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
+        self.log(f"{prefix}/perplexity", torch.exp(loss.clamp(max=50.0)))
+        self.log(f"{prefix}/trained_tokens", sums[1].float())
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-conversation mean loss on trained tokens: a quick way to find surprising examples."""
