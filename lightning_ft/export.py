@@ -70,11 +70,11 @@ def merge(model: Any) -> Any:
 
 
 def _probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Check: 2 + 2 = ?"}], tokenize=True,
-                                        add_generation_prompt=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    from lightning_ft.generation import encode_prompt
+
+    ids = encode_prompt(tokenizer, [{"role": "user", "content": "Check: 2 + 2 = ?"}])
     with torch.no_grad():
-        return model(input_ids=torch.tensor([list(ids)])).logits.float()
+        return model(input_ids=torch.tensor([ids])).logits.float()
 
 
 def export(source: str | os.PathLike, output_dir: str | os.PathLike, merge_adapter: bool = False,

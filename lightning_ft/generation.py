@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lightning_ft.data.collate import _render
 from lightning_ft.models import DEFAULT_MODEL, ModelNotFoundError, _load_tokenizer, load_model, load_tokenizer
 
 Messages = Sequence[Mapping[str, str]]
@@ -128,9 +129,7 @@ def _load_adapter(directory: Path, model: str | None, dtype: str, chat_template:
 
 def encode_prompt(tokenizer: Any, messages: Messages, chat_template: str | None = None) -> list[int]:
     """Token ids of a conversation rendered with the chat template, ending with the assistant header."""
-    ids = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=True,
-                                        chat_template=chat_template)
-    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+    return _render(tokenizer, messages, chat_template, add_generation_prompt=True)
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
