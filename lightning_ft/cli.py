@@ -39,6 +39,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "generate": "lightning_ft.commands.generate:run",
     "chat": "lightning_ft.commands.generate:chat",
     "export": "lightning_ft.commands.export:run",
+    "plot": "lightning_ft.commands.plot:run",
 }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +30,22 @@ DESTRUCTIVE_LR = {"lora": 1e-3, "peft": 1e-2, "full": 1e-4}
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def kl_sum(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Summed KL(base || current) over rows of ``(positions, vocab)`` logits (gradient flows into ``logits``)."""
+    base_logp = torch.log_softmax(base_logits.float(), dim=-1)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return torch.nn.functional.kl_div(logp, base_logp, log_target=True, reduction="sum")
+
+
+def _chunk_loss_kl(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, base_head: torch.nn.Module,
+                   base_hidden: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    with torch.no_grad():
+        base_logits = base_head(base_hidden)
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return torch.stack([ce, kl_sum(base_logits, logits)])
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
@@ -65,6 +83,10 @@ class FineTuneModule(pl.LightningModule):
         trained_logits_only: Compute the output head and loss only at trained positions (same loss and
             gradients, less compute and memory); ``False`` uses the model's full logits.
         logits_chunk_size: Trained positions per chunk of head + loss.
+        kl_beta: Weight of a KL(base || current) penalty on the trained positions, added to the loss to
+            hold the model near what the base model would say (0 turns it off). For LoRA and other
+            adapters the base is the same model with the adapter disabled (one extra forward pass, no
+            copy); full fine-tuning keeps a frozen copy of the base model in memory. Logged as ``train/kl``.
     """
 
     def __init__(
@@ -83,6 +105,7 @@ class FineTuneModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         trained_logits_only: bool = True,
         logits_chunk_size: int = 1024,
+        kl_beta: float = 0.0,
     ) -> None:
         super().__init__()
         if adapter is None:
@@ -103,6 +126,11 @@ class FineTuneModule(pl.LightningModule):
             problems.append(f"min_lr_ratio={min_lr_ratio} must be in [0, 1]")
         if logits_chunk_size < 1:
             problems.append(f"logits_chunk_size={logits_chunk_size} must be >= 1")
+        if kl_beta < 0:
+            problems.append(f"kl_beta={kl_beta} must be >= 0")
+        if kl_beta > 0 and isinstance(self.adapter, PeftAdapter) and self.adapter.config.is_prompt_learning:
+            problems.append("kl_beta > 0 does not work with prompt-learning adapters (their forward adds virtual "
+                            "tokens, so positions do not line up with the base model's)")
         if decay not in ("cosine", "linear", "constant"):
             problems.append(f"decay={decay!r} must be one of cosine, linear, constant")
         if problems:
@@ -126,6 +154,9 @@ class FineTuneModule(pl.LightningModule):
         self._window_trained = 0  # trained tokens in the current gradient-accumulation window
         self.base_fingerprint: str | None = None
         self.seen_tokens = {"tokens": 0, "trained_tokens": 0}
+        # Full fine-tuning's frozen base for kl_beta, in a list so it is no submodule: outside the state
+        # dict, the optimizer and the parameter count.
+        self._reference: list[torch.nn.Module] = []
 
     # -- model ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -140,6 +171,24 @@ class FineTuneModule(pl.LightningModule):
         model.config.use_cache = False
         self.model = self.adapter.attach(model)
         self.model.train()  # from_pretrained returns eval mode, which would silently disable dropout
+        if self.hparams.kl_beta > 0 and self.adapter.method == "full":
+            reference = load_model(self.hparams.model_name, dtype=self.hparams.dtype).eval().requires_grad_(False)
+            self._reference = [reference]
+
+    def on_fit_start(self) -> None:
+        for reference in self._reference:
+            reference.to(self.device)
+
+    @contextmanager
+    def base_model(self) -> Iterator[torch.nn.Module]:
+        """The base model's forward, for the KL penalty: the adapter-disabled model, or full FT's frozen copy."""
+        if self._reference:
+            yield self._reference[0]
+        elif hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            raise ValueError("kl_beta needs the base model: an adapter to disable, or a frozen copy (full fine-tuning)")
 
     @property
     def tokenizer(self):
@@ -163,8 +212,10 @@ class FineTuneModule(pl.LightningModule):
         decoder, head = base.get_decoder(), base.get_output_embeddings()
         return (decoder, head) if decoder is not None and head is not None else None
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token cross-entropy over trained positions, and how many positions that is.
+    def _loss_sum(self, batch: dict[str, torch.Tensor], with_kl: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Summed next-token cross-entropy over trained positions, how many positions that is, and (with
+        ``with_kl``) the summed KL(base || current) over the same positions.
 
         By default the output head runs only where a label is trained, in chunks, instead of producing
         ``vocab x sequence`` logits everywhere: the prompt, the system message and padding cost no head
@@ -172,33 +223,55 @@ class FineTuneModule(pl.LightningModule):
         """
         labels = batch["labels"][:, 1:]
         trained = labels != IGNORE_INDEX
+        targets = labels[trained]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
         parts = self._head_parts()
         if parts is None:
-            logits = self(batch["input_ids"], batch.get("attention_mask")).logits[:, :-1]
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            return loss_sum, trained.sum()
+            logits = self(**inputs).logits[:, :-1][trained].float()
+            loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+            if not with_kl:
+                return loss_sum, trained.sum(), None
+            with torch.no_grad(), self.base_model() as base:
+                base_logits = base(**inputs).logits[:, :-1][trained]
+            return loss_sum, trained.sum(), kl_sum(base_logits, logits)
         decoder, head = parts
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).last_hidden_state
-        selected, targets = hidden[:, :-1][trained], labels[trained]
-        loss_sum = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, targets.numel(), self.hparams.logits_chunk_size):
-            chunk = slice(start, start + self.hparams.logits_chunk_size)
+        selected = decoder(**inputs).last_hidden_state[:, :-1][trained]
+        base_selected, base_head = None, None
+        if with_kl:
+            with torch.no_grad(), self.base_model() as base:
+                base = base.get_base_model() if hasattr(base, "get_base_model") else base
+                base_selected = base.get_decoder()(**inputs).last_hidden_state[:, :-1][trained]
+                base_head = base.get_output_embeddings()
+                base_head = getattr(base_head, "base_layer", base_head)  # a LoRA-wrapped head's frozen weight
+        sums = selected.new_zeros(2, dtype=torch.float32)  # cross-entropy, KL
+        size = self.hparams.logits_chunk_size
+        for start in range(0, targets.numel(), size):
+            chunk = slice(start, start + size)
+            args = (head, selected[chunk], targets[chunk])
+            function = _chunk_loss
+            if with_kl:
+                args, function = (*args, base_head, base_selected[chunk]), _chunk_loss_kl
             if torch.is_grad_enabled():
                 # Recompute the chunk's logits in backward rather than keep every chunk alive.
-                loss_sum = loss_sum + checkpoint(_chunk_loss, head, selected[chunk], targets[chunk], use_reentrant=False)
+                terms = checkpoint(function, *args, use_reentrant=False)
             else:
-                loss_sum = loss_sum + _chunk_loss(head, selected[chunk], targets[chunk])
-        return loss_sum, trained.sum()
+                terms = function(*args)
+            sums = sums + (terms if with_kl else torch.stack([terms, terms.new_zeros(())]))
+        return sums[0], trained.sum(), sums[1] if with_kl else None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, n_trained = self._loss_sum(batch)
+        beta = self.hparams.kl_beta
+        loss_sum, n_trained, kl = self._loss_sum(batch, with_kl=beta > 0)
         loss = loss_sum.detach() / n_trained.clamp(min=1)
         self._window_trained += int(n_trained)
         n_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
         self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
+        if kl is not None:
+            self.log("train/kl", kl.detach() / n_trained.clamp(min=1), prog_bar=True, batch_size=int(n_trained))
+            loss_sum = loss_sum + beta * kl
+        if "replay" in batch:
+            replay_trained = (batch["labels"][batch["replay"], 1:] != IGNORE_INDEX).sum()
+            self.log("train/replay_share", replay_trained.float() / n_trained.clamp(min=1), batch_size=int(n_trained))
         # Running totals (this rank's; saved in checkpoints so they survive a resume).
         self.seen_tokens["tokens"] += int(n_tokens)
         self.seen_tokens["trained_tokens"] += int(n_trained)
@@ -234,7 +307,7 @@ class FineTuneModule(pl.LightningModule):
         self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, n_trained = self._loss_sum(batch)
+        loss_sum, n_trained, _ = self._loss_sum(batch)
         self._val_sums += torch.stack([loss_sum.detach().double(), n_trained.double()])
 
     def on_validation_epoch_end(self) -> None:

@@ -42,7 +42,7 @@ def test_lora_trains_only_adapter_and_loss_drops(tiny_model_dir, tmp_path):
 
     def mean_loss():
         with torch.no_grad():
-            loss_sum, count = module._loss_sum(batch)
+            loss_sum, count, _ = module._loss_sum(batch)
         return (loss_sum / count).item()
 
     first = mean_loss()
@@ -56,7 +56,7 @@ def test_loss_is_token_mean_over_trained_positions_only(tiny_model_dir):
     module.configure_model()
     ids = torch.tensor([[1, 10, 11, 12, 13, 2]])
     labels = torch.tensor([[-100, -100, -100, 12, 13, 2]])
-    loss_sum, count = module._loss_sum({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    loss_sum, count, _ = module._loss_sum({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     reference = module.model(input_ids=ids, labels=labels).loss
     assert count.item() == 3
     assert torch.allclose(loss_sum / count, reference, atol=1e-6)
@@ -172,7 +172,7 @@ def test_trained_positions_only_loss_equals_full_logits_loss_and_gradients(tiny_
             for name, param in module.named_parameters():
                 if "lora_B" in name:
                     torch.nn.init.normal_(param, std=0.02)
-        loss_sum, count = module._loss_sum(batch)
+        loss_sum, count, _ = module._loss_sum(batch)
         loss_sum.backward()
         grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
         results.append((loss_sum.detach(), count, grads))

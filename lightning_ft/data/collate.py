@@ -173,7 +173,8 @@ def collate(examples: Sequence[Example], pad_token_id: int,
         pad_to_multiple_of: Round the padded length up to a multiple of this (e.g. 8 for tensor cores).
 
     Returns:
-        ``input_ids``, ``attention_mask`` and ``labels``, each a ``(batch, length)`` long tensor.
+        ``input_ids``, ``attention_mask`` and ``labels``, each a ``(batch, length)`` long tensor; and
+        ``replay``, a ``(batch,)`` bool tensor, when the examples carry a ``replay`` mark.
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -188,7 +189,10 @@ def collate(examples: Sequence[Example], pad_token_id: int,
         input_ids[row, :size] = torch.tensor(example["input_ids"], dtype=torch.long)
         labels[row, :size] = torch.tensor(example["labels"], dtype=torch.long)
         attention_mask[row, :size] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if "replay" in examples[0]:
+        batch["replay"] = torch.tensor([bool(example["replay"][0]) for example in examples])
+    return batch
 
 
 @dataclass(frozen=True)

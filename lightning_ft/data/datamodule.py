@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,6 +25,8 @@ from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem, scan_file
 from lightning_ft.models import load_tokenizer
 
+#: The general conversations shipped for replay (200, written for the package).
+DEFAULT_REPLAY = str(Path(__file__).resolve().parents[1] / "benchmarks" / "general_chat.jsonl")
 _STAT_KEYS = ("conversations", "train_conversations", "val_conversations", "tokens", "trained_tokens",
               "truncated", "trained_tokens_lost", "dropped")
 
@@ -58,11 +61,18 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
         "num_workers": (_is_int(args["num_workers"]) and args["num_workers"] >= 0, "must be an integer >= 0"),
         "seed": (_is_int(args["seed"]), "must be an integer"),
         "checks": (args["checks"] in ("warn", "strict", "off"), "must be one of: warn, strict, off"),
+        "replay_path": (args["replay_path"] is None or isinstance(args["replay_path"], (str, os.PathLike)),
+                        "must be a chat data file, 'default' (the shipped general conversations), or None"),
+        "replay_ratio": (isinstance(args["replay_ratio"], (int, float)) and not isinstance(args["replay_ratio"], bool)
+                         and 0.0 <= args["replay_ratio"] < 1.0, "must be a number in [0, 1)"),
     }
     problems = [f"{key}={args[key]!r}: {allowed}" for key, (ok, allowed) in checks.items() if not ok]
     if args["val_path"] is not None and checks["val_fraction"][0] and args["val_fraction"] > 0:
         problems.append(f"val_fraction={args['val_fraction']!r}: must be 0 when val_path is set "
                         "(use a validation file or a split of the training file, not both)")
+    if args["replay_path"] is not None and args["replay_ratio"] == 0:
+        problems.append(f"replay_path={args['replay_path']!r}: replay_ratio=0 would mix none of it in "
+                        "(set replay_ratio, e.g. 0.2, or drop replay_path)")
     return problems
 
 
@@ -94,7 +104,13 @@ class ChatDataModule(LightningDataModule):
             tokens, ``drop`` skips the conversation.
         pad_to_multiple_of: Round each batch's padded length up to a multiple of this.
         num_workers: DataLoader worker processes.
-        seed: Seeds the validation split and the training shuffle.
+        seed: Seeds the validation split, the training shuffle and the replay draws.
+        replay_path: General conversations mixed into training to keep what the base model knew (replay);
+            ``None`` or ``"default"`` is the package's ``general_chat.jsonl`` (200 conversations written for
+            it). Used only when ``replay_ratio > 0``.
+        replay_ratio: Share of every epoch's training conversations drawn from the replay data, e.g. 0.2
+            adds one replay conversation per four task ones (a fresh seeded draw every epoch; the task
+            data is all used as before). Validation stays task-only.
         checks: Data checks before training: ``warn`` prints duplicates, leakage and inconsistencies once,
             ``strict`` stops on them like on bad records, ``off`` skips them (bad records always stop a run).
 
@@ -120,6 +136,8 @@ class ChatDataModule(LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         checks: Literal["warn", "strict", "off"] = "warn",
+        replay_path: str | None = None,
+        replay_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         args = dict(locals())
@@ -140,12 +158,15 @@ class ChatDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.checks = checks
+        self.replay_path = None if replay_path is None else str(replay_path)
+        self.replay_ratio = float(replay_ratio)
         #: A ready tokenizer object; when set it is used instead of loading ``tokenizer``.
         self.tokenizer_obj: Any = None
         #: Counts from :meth:`setup`: conversations, tokens, trained tokens, truncated, dropped.
         self.stats: dict[str, int] = {}
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
+        self.replay_examples: list[Example] = []
 
     def scan(self) -> tuple[dict[str, list[Conversation]], list[DataProblem]]:
         """Read the files without raising on bad records: the good conversations per file and every problem.
@@ -260,6 +281,7 @@ class ChatDataModule(LightningDataModule):
         errors: list[str] = []
         self.train_examples = self._encode(train, tokenizer, stats, errors)
         self.val_examples = self._encode(val, tokenizer, stats, errors)
+        self.replay_examples = self._encode_replay(tokenizer, errors)
         if errors:
             raise DataError(errors)
         if train and not self.train_examples:
@@ -267,8 +289,39 @@ class ChatDataModule(LightningDataModule):
                              "truncation='drop' dropped them all: raise max_length or use truncation='cut'.")
         stats.update(train_conversations=len(self.train_examples), val_conversations=len(self.val_examples),
                      conversations=len(self.train_examples) + len(self.val_examples))
+        stats.update(replay_conversations=len(self.replay_examples), replay_per_epoch=self.replay_per_epoch())
         self.stats = stats
         self._report()
+
+    def replay_file(self) -> str | None:
+        """The replay data file in use (the shipped default when ``replay_path`` is unset), or ``None``."""
+        if self.replay_ratio == 0:
+            return None
+        return DEFAULT_REPLAY if self.replay_path in (None, "default") else self.replay_path
+
+    def replay_per_epoch(self) -> int:
+        """Replay conversations mixed into each training epoch: ``ratio / (1 - ratio)`` per task conversation."""
+        if not self.replay_examples:
+            return 0
+        return max(1, round(len(self.train_examples) * self.replay_ratio / (1.0 - self.replay_ratio)))
+
+    def _encode_replay(self, tokenizer: Any, errors: list[str]) -> list[Example]:
+        """Read and encode the replay pool; every example (task and replay) is marked for the loss logging."""
+        path = self.replay_file()
+        if path is None:
+            return []
+        conversations, problems = scan_file(path, self.format, self.system_prompt)
+        if problems:
+            raise DataError(problems)
+        replay_stats = dict.fromkeys(_STAT_KEYS, 0)
+        replay = self._encode(conversations, tokenizer, replay_stats, errors)
+        if not replay:
+            raise ValueError(f"{path}: no replay conversation is left after encoding (max_length={self.max_length})")
+        for example in self.train_examples:
+            example["replay"] = [0]
+        for example in replay:
+            example["replay"] = [1]
+        return replay
 
     def _report(self) -> None:
         s = self.stats
@@ -276,6 +329,9 @@ class ChatDataModule(LightningDataModule):
                 f"{s['tokens']:,} tokens ({s['trained_tokens']:,} trained); {s['truncated']} truncated to "
                 f"max_length={self.max_length} ({s['trained_tokens_lost']:,} trained tokens lost), "
                 f"{s['dropped']} dropped")
+        if s["replay_per_epoch"]:
+            line += (f"; replay: {s['replay_per_epoch']} of {s['replay_conversations']} general conversations "
+                     f"from {self.replay_file()} mixed into each epoch")
         (rank_zero_warn if s["trained_tokens_lost"] or s["dropped"] else rank_zero_info)(line)
 
     def _pad_token_id(self) -> int:
@@ -285,11 +341,13 @@ class ChatDataModule(LightningDataModule):
             raise ValueError("The tokenizer has neither a pad nor an EOS token: set tokenizer_obj.pad_token.")
         return pad
 
-    def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
+    def _loader(self, examples: list[Example], shuffle: bool, replay: list[Example] | None = None) -> DataLoader:
         # Seeded per epoch (seed + epoch): reproducible, different every epoch, and resumable mid-epoch.
-        sampler = ResumableSampler(len(examples), seed=self.seed, shuffle=shuffle)
+        replay = replay or []
+        sampler = ResumableSampler(len(examples), seed=self.seed, shuffle=shuffle, replay_size=len(replay),
+                                   replay_per_epoch=self.replay_per_epoch() if replay else 0)
         return ResumableDataLoader(
-            examples,
+            examples + replay,
             batch_size=self.batch_size,
             sampler=sampler,
             # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
@@ -304,7 +362,7 @@ class ChatDataModule(LightningDataModule):
         """Shuffled training batches; after a mid-epoch resume, only the batches the epoch has left."""
         if not self.train_examples:
             raise ValueError("No training data: set train_path and call setup('fit') first.")
-        loader = self._loader(self.train_examples, shuffle=True)
+        loader = self._loader(self.train_examples, shuffle=True, replay=self.replay_examples)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             # Loop progress is restored from the checkpoint before Lightning asks for the loader.

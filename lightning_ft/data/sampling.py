@@ -14,14 +14,24 @@ class ResumableSampler(Sampler[int]):
     ``__len__`` stays the full epoch length while a resumed epoch yields only what is left, so
     Lightning's batch counter (restored from the checkpoint) ends the epoch at the right batch.
 
+    Replay: indices ``size .. size + replay_size - 1`` are a pool of general data of which each epoch
+    draws ``replay_per_epoch`` (a different seeded draw every epoch, without repeats until the pool is
+    used up), shuffled in among the ``size`` task examples.
+
     Args:
-        size: Number of examples.
+        size: Number of (task) examples, all used every epoch.
         seed: Base seed of the shuffle.
-        shuffle: ``False`` keeps file order.
+        shuffle: ``False`` keeps file order (then replay examples follow the task examples).
+        replay_size: Examples in the replay pool, indexed after the task examples.
+        replay_per_epoch: Replay examples mixed into every epoch.
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, replay_size: int = 0,
+                 replay_per_epoch: int = 0) -> None:
+        if replay_per_epoch and not replay_size:
+            raise ValueError(f"replay_per_epoch={replay_per_epoch} needs a non-empty replay pool")
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.replay_size, self.replay_per_epoch = replay_size, replay_per_epoch
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, samples to skip)
 
@@ -33,10 +43,25 @@ class ResumableSampler(Sampler[int]):
         """Skip the first ``skip`` samples of ``epoch`` (the batches a checkpoint had already trained on)."""
         self._resume = (epoch, skip) if skip > 0 else None
 
+    def replay_indices(self, epoch: int) -> list[int]:
+        """The replay pool indices drawn for ``epoch``: consecutive epochs walk one seeded permutation of
+        the pool (reshuffled each time it is used up), so every replay example is seen before any repeats."""
+        if not self.replay_per_epoch:
+            return []
+        start = epoch * self.replay_per_epoch
+        drawn = []
+        for position in range(start, start + self.replay_per_epoch):
+            cycle, offset = divmod(position, self.replay_size)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + cycle)
+            drawn.append(self.size + int(torch.randperm(self.replay_size, generator=generator)[offset]))
+        return drawn
+
     def order(self, epoch: int) -> list[int]:
+        indices = list(range(self.size)) + self.replay_indices(epoch)
         if not self.shuffle:
-            return list(range(self.size))
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            return indices
+        permutation = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.seed + epoch))
+        return [indices[i] for i in permutation.tolist()]
 
     def __iter__(self) -> Iterator[int]:
         order = self.order(self.epoch)
@@ -46,7 +71,7 @@ class ResumableSampler(Sampler[int]):
         return iter(order)
 
     def __len__(self) -> int:
-        return self.size
+        return self.size + self.replay_per_epoch
 
 
 class ResumableDataLoader(DataLoader):
