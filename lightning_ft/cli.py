@@ -40,6 +40,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "chat": "lightning_ft.commands.generate:chat",
     "export": "lightning_ft.commands.export:run",
     "plot": "lightning_ft.commands.plot:run",
+    "sweep": "lightning_ft.commands.sweep:run",
 }
 
 
