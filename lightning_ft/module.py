@@ -48,6 +48,29 @@ def _chunk_loss_kl(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
     return torch.stack([ce, kl_sum(base_logits, logits)])
 
 
+@torch.no_grad()
+def packing_is_exact(model: torch.nn.Module, tolerance: float = 1e-3) -> bool:
+    """Whether ``model`` keeps two conversations packed in one row apart, given restarting position ids.
+
+    Runs two short random sequences separately and packed (no attention mask), in eval mode, and compares
+    the logits: Hugging Face models whose masks come from ``transformers.masking_utils`` (Llama, Qwen, Mistral,
+    Gemma, ...) pass; a model that lets packed conversations attend to each other fails.
+    """
+    embeddings = model.get_input_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(embeddings.num_embeddings, (1, n), generator=generator) for n in (6, 5))
+    device = embeddings.weight.device
+    positions = torch.tensor([[*range(6), *range(5)]], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        apart = torch.cat([model(input_ids=ids.to(device)).logits for ids in (first, second)], dim=1)
+        packed = model(input_ids=torch.cat([first, second], dim=1).to(device), position_ids=positions).logits
+    finally:
+        model.train(was_training)
+    return packed.shape == apart.shape and torch.allclose(packed.float(), apart.float(), rtol=tolerance, atol=tolerance)
+
+
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     # Weight decay pulls weights to zero: right for matrices, wrong for norms' gains and biases.
     return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
@@ -157,6 +180,7 @@ class FineTuneModule(pl.LightningModule):
         # Full fine-tuning's frozen base for kl_beta, in a list so it is no submodule: outside the state
         # dict, the optimizer and the parameter count.
         self._reference: list[torch.nn.Module] = []
+        self._packing_exact: bool | None = None
 
     # -- model ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -199,6 +223,20 @@ class FineTuneModule(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    def supports_packing(self) -> bool:
+        """Whether packed batches (several conversations per row, restarting position ids) train exactly
+        like padded ones with this model; :class:`~lightning_ft.ChatDataModule` packs by default when so.
+        Measured once with :func:`packing_is_exact` (prompt-learning adapters never pack)."""
+        if self._packing_exact is None:
+            if self.model is None:
+                return False
+            prompt_learning = isinstance(self.adapter, PeftAdapter) and self.adapter.config.is_prompt_learning
+            self._packing_exact = not prompt_learning and packing_is_exact(self.model)
+            if not self._packing_exact:
+                rank_zero_warn(f"{type(self.model).__name__} mixes conversations packed into one row, so batches "
+                               "are padded instead (slower; data.packing=false silences this).")
+        return self._packing_exact
+
     # -- steps ---------------------------------------------------------------------------------------
     def _head_parts(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
         """The decoder and the output head, when the loss may skip logits at untrained positions."""
@@ -224,7 +262,8 @@ class FineTuneModule(pl.LightningModule):
         labels = batch["labels"][:, 1:]
         trained = labels != IGNORE_INDEX
         targets = labels[trained]
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        # Padded batches carry an attention mask; packed ones position ids (and must not carry a mask).
+        inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
         parts = self._head_parts()
         if parts is None:
             logits = self(**inputs).logits[:, :-1][trained].float()
@@ -264,13 +303,14 @@ class FineTuneModule(pl.LightningModule):
         loss_sum, n_trained, kl = self._loss_sum(batch, with_kl=beta > 0)
         loss = loss_sum.detach() / n_trained.clamp(min=1)
         self._window_trained += int(n_trained)
-        n_tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        n_tokens = (batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum()
+                    if "attention_mask" in batch else batch["input_ids"].numel())
         self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
         if kl is not None:
             self.log("train/kl", kl.detach() / n_trained.clamp(min=1), prog_bar=True, batch_size=int(n_trained))
             loss_sum = loss_sum + beta * kl
-        if "replay" in batch:
-            replay_trained = (batch["labels"][batch["replay"], 1:] != IGNORE_INDEX).sum()
+        if "replay_tokens" in batch:
+            replay_trained = ((batch["labels"][:, 1:] != IGNORE_INDEX) & batch["replay_tokens"][:, 1:]).sum()
             self.log("train/replay_share", replay_trained.float() / n_trained.clamp(min=1), batch_size=int(n_trained))
         # Running totals (this rank's; saved in checkpoints so they survive a resume).
         self.seen_tokens["tokens"] += int(n_tokens)

@@ -49,9 +49,9 @@ def test_datamodule_mixes_replay_into_training_only(tmp_path, tiny_model_dir):
     assert data.stats["replay_conversations"] == 200  # the shipped default pool
     assert data.stats["replay_per_epoch"] == 3  # 9 task conversations : 3 replay = 25% replay
     batches = list(data.train_dataloader())
-    flags = torch.cat([batch["replay"] for batch in batches])
+    flags = torch.cat([batch["replay_tokens"][:, 0] for batch in batches])
     assert Counter(flags.tolist()) == {False: 9, True: 3}
-    assert all("replay" not in batch for batch in data.val_dataloader())
+    assert all("replay_tokens" not in batch for batch in data.val_dataloader())
 
 
 def test_replay_file_and_ratio_are_checked(tmp_path, tiny_model_dir):

@@ -174,7 +174,8 @@ def collate(examples: Sequence[Example], pad_token_id: int,
 
     Returns:
         ``input_ids``, ``attention_mask`` and ``labels``, each a ``(batch, length)`` long tensor; and
-        ``replay``, a ``(batch,)`` bool tensor, when the examples carry a ``replay`` mark.
+        ``replay_tokens``, a bool mask of the tokens of replay conversations, when the examples carry a
+        ``replay`` mark.
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -191,21 +192,96 @@ def collate(examples: Sequence[Example], pad_token_id: int,
         attention_mask[row, :size] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if "replay" in examples[0]:
-        batch["replay"] = torch.tensor([bool(example["replay"][0]) for example in examples])
+        flags = torch.tensor([bool(example["replay"][0]) for example in examples])
+        batch["replay_tokens"] = flags[:, None] & attention_mask.bool()
+    return batch
+
+
+def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Group examples into rows of at most ``max_length`` tokens: first fit, longest first (indices per row).
+
+    Args:
+        lengths: Token count of each example; none may exceed ``max_length``.
+        max_length: Tokens per row.
+    """
+    too_long = [i for i, length in enumerate(lengths) if length > max_length]
+    if too_long:
+        raise ValueError(f"examples {too_long} are longer than max_length={max_length}: truncate them first")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(max_length)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return [sorted(row) for row in rows]
+
+
+def collate_packed(examples: Sequence[Example], pad_token_id: int, max_length: int,
+                   pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Pack a batch's examples into as few rows of at most ``max_length`` tokens as fit (no padding between them).
+
+    Position ids restart at 0 for every conversation, and no ``attention_mask`` is returned: Hugging Face
+    models then keep attention inside each conversation (block-diagonal causal masks for SDPA and eager,
+    variable-length kernels for flash attention), so every conversation's logits equal its unpacked ones.
+    Each conversation's first label is ignored, as unpacked batches never train position 0: the last token of
+    one conversation never learns to predict the next conversation. The row tails are padding that forms its
+    own block, with ignored labels.
+
+    Returns:
+        ``input_ids``, ``labels`` and ``position_ids`` of shape ``(rows, length)``; ``num_tokens``, the real
+        (non-pad) token count; and ``replay_tokens``, a bool mask of the tokens of replay conversations, when
+        the examples carry a ``replay`` mark.
+    """
+    if not examples:
+        raise ValueError("collate_packed needs at least one example")
+    rows = pack_rows([len(example["input_ids"]) for example in examples], max_length)
+    marked = "replay" in examples[0]
+    ids, labels, positions, replay = [], [], [], []
+    for row in rows:
+        ids.append([token for i in row for token in examples[i]["input_ids"]])
+        labels.append([label for i in row for label in [IGNORE_INDEX, *examples[i]["labels"][1:]]])
+        positions.append([position for i in row for position in range(len(examples[i]["input_ids"]))])
+        if marked:
+            replay.append([bool(examples[i]["replay"][0]) for i in row for _ in examples[i]["input_ids"]])
+    length = max(len(row) for row in ids)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    for r in range(len(rows)):
+        pad = length - len(ids[r])
+        ids[r] += [pad_token_id] * pad
+        labels[r] += [IGNORE_INDEX] * pad
+        positions[r] += range(pad)
+        if marked:
+            replay[r] += [False] * pad
+    batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+             "position_ids": torch.tensor(positions, dtype=torch.long),
+             "num_tokens": torch.tensor(sum(len(example["input_ids"]) for example in examples))}
+    if marked:
+        batch["replay_tokens"] = torch.tensor(replay, dtype=torch.bool)
     return batch
 
 
 @dataclass(frozen=True)
 class ChatCollator:
-    """:func:`collate` with its settings bound, for ``DataLoader(collate_fn=...)`` (picklable for workers).
+    """:func:`collate` or :func:`collate_packed` with settings bound, for ``DataLoader(collate_fn=...)``
+    (picklable for workers).
 
     Args:
         pad_token_id: Id that fills padded positions.
         pad_to_multiple_of: Round each batch's length up to a multiple of this.
+        pack_length: Pack each batch into rows of at most this many tokens; ``None`` pads each example to
+            the batch's longest instead.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    pack_length: int | None = None
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        if self.pack_length is not None:
+            return collate_packed(examples, self.pad_token_id, self.pack_length, self.pad_to_multiple_of)
         return collate(examples, self.pad_token_id, self.pad_to_multiple_of)

@@ -61,6 +61,8 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
         "num_workers": (_is_int(args["num_workers"]) and args["num_workers"] >= 0, "must be an integer >= 0"),
         "seed": (_is_int(args["seed"]), "must be an integer"),
         "checks": (args["checks"] in ("warn", "strict", "off"), "must be one of: warn, strict, off"),
+        "packing": (args["packing"] in (True, False, "auto"), "must be true, false or 'auto'"),
+        "group_by_length": (isinstance(args["group_by_length"], bool), "must be true or false"),
         "replay_path": (args["replay_path"] is None or isinstance(args["replay_path"], (str, os.PathLike)),
                         "must be a chat data file, 'default' (the shipped general conversations), or None"),
         "replay_ratio": (isinstance(args["replay_ratio"], (int, float)) and not isinstance(args["replay_ratio"], bool)
@@ -103,6 +105,13 @@ class ChatDataModule(LightningDataModule):
         truncation: What to do with longer conversations: ``cut`` keeps the first ``max_length``
             tokens, ``drop`` skips the conversation.
         pad_to_multiple_of: Round each batch's padded length up to a multiple of this.
+        packing: Pack each batch's conversations into as few rows of ``max_length`` tokens as fit, with
+            position ids restarting per conversation and attention kept inside each (no padding compute;
+            the same conversations per step and the same loss as padded batches). ``auto`` packs when the
+            LightningModule's ``supports_packing()`` says the model keeps packed conversations apart
+            (:class:`~lightning_ft.FineTuneModule` measures it once); other modules get padded batches.
+        group_by_length: Without packing, batch conversations of similar length together (seeded: sorted
+            within windows of 50 batches, then the batches shuffled), so less of each batch is padding.
         num_workers: DataLoader worker processes.
         seed: Seeds the validation split, the training shuffle and the replay draws.
         replay_path: General conversations mixed into training to keep what the base model knew (replay);
@@ -138,6 +147,8 @@ class ChatDataModule(LightningDataModule):
         checks: Literal["warn", "strict", "off"] = "warn",
         replay_path: str | None = None,
         replay_ratio: float = 0.0,
+        packing: bool | Literal["auto"] = "auto",
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         args = dict(locals())
@@ -160,6 +171,8 @@ class ChatDataModule(LightningDataModule):
         self.checks = checks
         self.replay_path = None if replay_path is None else str(replay_path)
         self.replay_ratio = float(replay_ratio)
+        self.packing = packing
+        self.group_by_length = group_by_length
         #: A ready tokenizer object; when set it is used instead of loading ``tokenizer``.
         self.tokenizer_obj: Any = None
         #: Counts from :meth:`setup`: conversations, tokens, trained tokens, truncated, dropped.
@@ -341,11 +354,21 @@ class ChatDataModule(LightningDataModule):
             raise ValueError("The tokenizer has neither a pad nor an EOS token: set tokenizer_obj.pad_token.")
         return pad
 
+    def packs(self) -> bool:
+        """Whether batches are packed: ``packing``, with ``auto`` asking the trainer's LightningModule."""
+        if self.packing != "auto":
+            return bool(self.packing)
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        return bool(module is not None and hasattr(module, "supports_packing") and module.supports_packing())
+
     def _loader(self, examples: list[Example], shuffle: bool, replay: list[Example] | None = None) -> DataLoader:
         # Seeded per epoch (seed + epoch): reproducible, different every epoch, and resumable mid-epoch.
         replay = replay or []
+        packed = self.packs()
+        lengths = [len(e["input_ids"]) for e in examples + replay] if self.group_by_length and not packed else None
         sampler = ResumableSampler(len(examples), seed=self.seed, shuffle=shuffle, replay_size=len(replay),
-                                   replay_per_epoch=self.replay_per_epoch() if replay else 0)
+                                   replay_per_epoch=self.replay_per_epoch() if replay else 0,
+                                   lengths=lengths, batch_size=self.batch_size)
         return ResumableDataLoader(
             examples + replay,
             batch_size=self.batch_size,
@@ -353,7 +376,8 @@ class ChatDataModule(LightningDataModule):
             # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
             # run's dropout masks would drift from the uninterrupted run's.
             generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=ChatCollator(self._pad_token_id(), self.pad_to_multiple_of),
+            collate_fn=ChatCollator(self._pad_token_id(), self.pad_to_multiple_of,
+                                    pack_length=self.max_length if packed else None),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

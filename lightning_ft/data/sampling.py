@@ -24,14 +24,18 @@ class ResumableSampler(Sampler[int]):
         shuffle: ``False`` keeps file order (then replay examples follow the task examples).
         replay_size: Examples in the replay pool, indexed after the task examples.
         replay_per_epoch: Replay examples mixed into every epoch.
+        lengths: Token count of every example (task, then replay): batches of similar length are formed
+            within windows of 50 batches and then shuffled, so less of each batch is padding.
+        batch_size: Examples per batch, for ``lengths``.
     """
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True, replay_size: int = 0,
-                 replay_per_epoch: int = 0) -> None:
+                 replay_per_epoch: int = 0, lengths: list[int] | None = None, batch_size: int = 1) -> None:
         if replay_per_epoch and not replay_size:
             raise ValueError(f"replay_per_epoch={replay_per_epoch} needs a non-empty replay pool")
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.replay_size, self.replay_per_epoch = replay_size, replay_per_epoch
+        self.lengths, self.batch_size = lengths, batch_size
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, samples to skip)
 
@@ -60,8 +64,17 @@ class ResumableSampler(Sampler[int]):
         indices = list(range(self.size)) + self.replay_indices(epoch)
         if not self.shuffle:
             return indices
-        permutation = torch.randperm(len(indices), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return [indices[i] for i in permutation.tolist()]
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
+        return order if self.lengths is None else self._grouped(order, generator)
+
+    def _grouped(self, order: list[int], generator: torch.Generator) -> list[int]:
+        window = self.batch_size * 50
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
 
     def __iter__(self) -> Iterator[int]:
         order = self.order(self.epoch)

@@ -1,0 +1,139 @@
+"""Packed batches (several conversations per row) train exactly like padded ones; length-grouped sampling."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from helpers import write_chat_file
+
+from lightning_ft import ChatDataModule, FineTuneModule, LoRA
+from lightning_ft.data.collate import IGNORE_INDEX, collate, collate_packed, pack_rows
+from lightning_ft.data.sampling import ResumableSampler
+from lightning_ft.module import packing_is_exact
+
+
+def test_pack_rows_fills_rows_longest_first():
+    assert pack_rows([5, 3, 2, 4], 8) == [[0, 1], [2, 3]]
+    assert pack_rows([8, 8], 8) == [[0], [1]]  # exact fits
+    assert pack_rows([1, 1, 1], 3) == [[0, 1, 2]]
+    with pytest.raises(ValueError, match=r"examples \[1\] are longer than max_length=4"):
+        pack_rows([2, 5], 4)
+
+
+def test_collate_packed_restarts_positions_and_ignores_each_first_label():
+    examples = [{"input_ids": [11, 12, 13], "labels": [-100, 12, 13]},
+                {"input_ids": [21, 22], "labels": [21, 22]},
+                {"input_ids": [31, 32, 33, 34], "labels": [-100, -100, 33, 34]}]
+    batch = collate_packed(examples, pad_token_id=0, max_length=6)
+    assert batch["input_ids"].tolist() == [[21, 22, 31, 32, 33, 34], [11, 12, 13, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100, 22, -100, -100, 33, 34], [-100, 12, 13, -100, -100, -100]]
+    assert batch["num_tokens"].item() == 9 and "attention_mask" not in batch
+    assert collate_packed(examples, 0, 6, pad_to_multiple_of=4)["input_ids"].shape == (2, 8)
+
+
+def _per_token_losses(model, batch, spans):
+    """Per-token cross-entropy of each conversation, from ``spans``: (row, start, length) per conversation."""
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+    logits = model(**inputs).logits
+    out = []
+    for row, start, length in spans:
+        targets = batch["labels"][row, start + 1:start + length]
+        losses = torch.nn.functional.cross_entropy(logits[row, start:start + length - 1], targets,
+                                                   ignore_index=IGNORE_INDEX, reduction="none")
+        out.append(losses[targets != IGNORE_INDEX])
+    return out
+
+
+def test_packed_per_token_loss_equals_unpacked(tiny_model_dir, tmp_path):
+    module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4, dropout=0.0))
+    module.configure_model()
+    module.model.eval()
+    data = ChatDataModule(write_chat_file(tmp_path / "t.jsonl", 6), tokenizer=tiny_model_dir, batch_size=6,
+                          system_prompt="Be brief.")
+    data.setup("fit")
+    examples = data.train_examples[:6]
+    examples[1] = {key: values[:-3] for key, values in examples[1].items()}  # varied lengths
+    padded = collate(examples, pad_token_id=0)
+    packed = collate_packed(examples, pad_token_id=0, max_length=2 * max(len(e["input_ids"]) for e in examples))
+    assert packed["input_ids"].shape[0] < len(examples)
+    rows = pack_rows([len(e["input_ids"]) for e in examples], packed["input_ids"].shape[1])
+    packed_spans = {}
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            packed_spans[i] = (r, offset, len(examples[i]["input_ids"]))
+            offset += len(examples[i]["input_ids"])
+    with torch.no_grad():
+        unpacked_losses = _per_token_losses(module.model, padded, [(i, 0, len(e["input_ids"])) for i, e in enumerate(examples)])
+        packed_losses = _per_token_losses(module.model, packed, [packed_spans[i] for i in range(len(examples))])
+    for before, after in zip(unpacked_losses, packed_losses):
+        assert before.numel() > 0 and torch.allclose(before, after, atol=1e-5, rtol=1e-5)
+    # The module's loss and its gradients agree too (trained positions only, chunked head).
+    module.model.train()
+    grads = []
+    for batch in (padded, packed):
+        module.zero_grad()
+        loss_sum, count, _ = module._loss_sum(batch)
+        loss_sum.backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in module.named_parameters() if p.requires_grad]))
+        grads[-1] = (loss_sum.item(), count.item(), grads[-1])
+    assert grads[0][1] == grads[1][1]
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+    assert torch.allclose(grads[0][2], grads[1][2], atol=1e-6, rtol=1e-4)
+
+
+class _LeakyLM(torch.nn.Module):
+    """Every position sees the running mean of all earlier tokens, whatever the position ids say."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.head = torch.nn.Linear(8, 50)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None):
+        hidden = self.embed(input_ids).cumsum(1) / torch.arange(1, input_ids.shape[1] + 1)[None, :, None]
+        return type("Out", (), {"logits": self.head(hidden)})()
+
+
+def test_packing_probe_accepts_llama_and_refuses_a_model_that_mixes_rows(tiny_model_dir):
+    module = FineTuneModule(tiny_model_dir)
+    module.configure_model()
+    assert packing_is_exact(module.model) and module.supports_packing()
+    assert module.model.training  # the probe restores train mode
+    assert not packing_is_exact(_LeakyLM())
+
+
+def test_fit_packs_by_default_and_pads_when_told(tiny_model_dir, tmp_path):
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault(trainer.datamodule.packing, []).append(batch)
+
+    for packing in ("auto", False):
+        module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4))
+        data = ChatDataModule(write_chat_file(tmp_path / "p.jsonl", 8), tokenizer=tiny_model_dir, batch_size=4,
+                              packing=packing)
+        pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()]).fit(module, data)
+    assert all("position_ids" in b and "attention_mask" not in b for b in seen["auto"])
+    assert all(b["input_ids"].shape[0] < 4 for b in seen["auto"])
+    assert all("attention_mask" in b and b["input_ids"].shape[0] == 4 for b in seen[False])
+
+
+def test_length_grouped_batches_hold_similar_lengths():
+    lengths = [((i * 37) % 100) + 1 for i in range(64)]
+    sampler = ResumableSampler(64, seed=0, lengths=lengths, batch_size=8)
+    order = sampler.order(0)
+    assert sorted(order) == list(range(64))
+    batches = [order[i:i + 8] for i in range(0, 64, 8)]
+    padded = sum(8 * max(lengths[i] for i in b) for b in batches)
+    shuffled = ResumableSampler(64, seed=0).order(0)
+    padded_shuffled = sum(8 * max(lengths[i] for i in shuffled[j:j + 8]) for j in range(0, 64, 8))
+    assert padded < 0.75 * padded_shuffled
+    assert sampler.order(1) != order and sampler.order(1) == ResumableSampler(64, 0, lengths=lengths, batch_size=8).order(1)
