@@ -110,6 +110,9 @@ class FineTuneModule(pl.LightningModule):
             hold the model near what the base model would say (0 turns it off). For LoRA and other
             adapters the base is the same model with the adapter disabled (one extra forward pass, no
             copy); full fine-tuning keeps a frozen copy of the base model in memory. Logged as ``train/kl``.
+        compile: Compile each decoder layer with ``torch.compile`` (in place: checkpoints and exports are
+            unchanged). Faster steps once compiled; the first steps (and each new sequence length until
+            shapes turn dynamic) pay the compilation, so it is off by default.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class FineTuneModule(pl.LightningModule):
         trained_logits_only: bool = True,
         logits_chunk_size: int = 1024,
         kl_beta: float = 0.0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if adapter is None:
@@ -195,9 +199,20 @@ class FineTuneModule(pl.LightningModule):
         model.config.use_cache = False
         self.model = self.adapter.attach(model)
         self.model.train()  # from_pretrained returns eval mode, which would silently disable dropout
+        if self.hparams.compile:
+            self._compile_layers()
         if self.hparams.kl_beta > 0 and self.adapter.method == "full":
             reference = load_model(self.hparams.model_name, dtype=self.hparams.dtype).eval().requires_grad_(False)
             self._reference = [reference]
+
+    def _compile_layers(self) -> None:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        layers = getattr(base.get_decoder(), "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise ValueError(f"compile=True needs the decoder layers at `get_decoder().layers`, which "
+                             f"{type(base).__name__} does not have")
+        for layer in layers:
+            layer.compile()  # per layer and in place: one small graph reused by every layer, same state dict keys
 
     def on_fit_start(self) -> None:
         for reference in self._reference:

@@ -183,3 +183,19 @@ def test_trained_positions_only_loss_equals_full_logits_loss_and_gradients(tiny_
         assert grads.keys() == reference[2].keys() and grads
         for name in grads:
             torch.testing.assert_close(grads[name], reference[2][name], rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_layers_give_the_same_loss_and_state_dict_keys(tiny_model_dir, tmp_path):
+    data = ChatDataModule(write_chat_file(tmp_path / "c.jsonl", 4), tokenizer=tiny_model_dir, batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    losses, keys = [], []
+    for compile in (False, True):
+        module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4, dropout=0.0), compile=compile)
+        module.configure_model()
+        with torch.no_grad():
+            loss_sum, count, _ = module._loss_sum(batch)
+        losses.append((loss_sum / count).item())
+        keys.append(sorted(module.state_dict()))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert keys[0] == keys[1]

@@ -20,6 +20,9 @@ from lightning_ft.data.collate import (
     encode_conversation,
     truncate_example,
 )
+from lightning_ft.data.cache import encoding_key
+from lightning_ft.data.cache import load as load_encoded
+from lightning_ft.data.cache import save as save_encoded
 from lightning_ft.data.checks import lint_conversations
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem, scan_file
@@ -63,6 +66,7 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
         "checks": (args["checks"] in ("warn", "strict", "off"), "must be one of: warn, strict, off"),
         "packing": (args["packing"] in (True, False, "auto"), "must be true, false or 'auto'"),
         "group_by_length": (isinstance(args["group_by_length"], bool), "must be true or false"),
+        "encode_cache": (isinstance(args["encode_cache"], bool), "must be true or false"),
         "replay_path": (args["replay_path"] is None or isinstance(args["replay_path"], (str, os.PathLike)),
                         "must be a chat data file, 'default' (the shipped general conversations), or None"),
         "replay_ratio": (isinstance(args["replay_ratio"], (int, float)) and not isinstance(args["replay_ratio"], bool)
@@ -112,6 +116,9 @@ class ChatDataModule(LightningDataModule):
             (:class:`~lightning_ft.FineTuneModule` measures it once); other modules get padded batches.
         group_by_length: Without packing, batch conversations of similar length together (seeded: sorted
             within windows of 50 batches, then the batches shuffled), so less of each batch is padding.
+        encode_cache: Keep encoded conversations on disk (``$LIGHTNING_FT_CACHE/encoded``), keyed by their
+            content, the tokenizer, the chat template and the truncation settings, so later runs on the same
+            data skip tokenising.
         num_workers: DataLoader worker processes.
         seed: Seeds the validation split, the training shuffle and the replay draws.
         replay_path: General conversations mixed into training to keep what the base model knew (replay);
@@ -149,6 +156,7 @@ class ChatDataModule(LightningDataModule):
         replay_ratio: float = 0.0,
         packing: bool | Literal["auto"] = "auto",
         group_by_length: bool = False,
+        encode_cache: bool = True,
     ) -> None:
         super().__init__()
         args = dict(locals())
@@ -173,6 +181,7 @@ class ChatDataModule(LightningDataModule):
         self.replay_ratio = float(replay_ratio)
         self.packing = packing
         self.group_by_length = group_by_length
+        self.encode_cache = encode_cache
         #: A ready tokenizer object; when set it is used instead of loading ``tokenizer``.
         self.tokenizer_obj: Any = None
         #: Counts from :meth:`setup`: conversations, tokens, trained tokens, truncated, dropped.
@@ -252,6 +261,27 @@ class ChatDataModule(LightningDataModule):
 
     def _encode(self, conversations: list[Conversation], tokenizer: Any, stats: dict[str, int],
                 errors: list[str]) -> list[Example]:
+        """:meth:`_encode_uncached` through the disk cache (entries are written only for error-free encodings)."""
+        if not conversations:
+            return []
+        key = None
+        if self.encode_cache:
+            key = encoding_key(conversations, tokenizer, self.chat_template, self.max_length, self.truncation)
+        hit = load_encoded(key) if key else None
+        if hit is not None:
+            examples, counts = hit
+        else:
+            counts, found = dict.fromkeys(_STAT_KEYS, 0), []
+            examples = self._encode_uncached(conversations, tokenizer, counts, found)
+            errors += found
+            if key and not found:
+                save_encoded(key, examples, counts)
+        for name, value in counts.items():
+            stats[name] += value
+        return examples
+
+    def _encode_uncached(self, conversations: list[Conversation], tokenizer: Any, stats: dict[str, int],
+                         errors: list[str]) -> list[Example]:
         """Tokenise, truncate and count; conversations that train nothing go to ``errors``."""
         examples = []
         for conversation in conversations:

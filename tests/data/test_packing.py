@@ -137,3 +137,29 @@ def test_length_grouped_batches_hold_similar_lengths():
     padded_shuffled = sum(8 * max(lengths[i] for i in shuffled[j:j + 8]) for j in range(0, 64, 8))
     assert padded < 0.75 * padded_shuffled
     assert sampler.order(1) != order and sampler.order(1) == ResumableSampler(64, 0, lengths=lengths, batch_size=8).order(1)
+
+
+def test_encoded_data_is_cached_by_content_tokenizer_and_settings(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path / "cache"))
+    path = write_chat_file(tmp_path / "e.jsonl", 6)
+
+    def encode(**kwargs):
+        data = ChatDataModule(path, tokenizer=tiny_model_dir, batch_size=2, **kwargs)
+        data.setup("fit")
+        return data
+
+    first = encode()
+    entries = list((tmp_path / "cache" / "encoded").glob("*.pt"))
+    assert len(entries) == 1
+    calls = []
+    monkeypatch.setattr(ChatDataModule, "_encode_uncached", lambda self, *a: calls.append(1) or [])
+    second = encode()
+    assert not calls  # served from the cache, identical
+    assert second.train_examples == first.train_examples and second.stats == first.stats
+    with pytest.raises(ValueError):  # a different max_length is a different key: it encodes (here: nothing)
+        encode(max_length=20)
+    assert calls
+    entries[0].write_bytes(b"corrupt")
+    monkeypatch.undo()
+    monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path / "cache"))
+    assert encode().train_examples == first.train_examples  # a corrupt entry is a miss, then rewritten
