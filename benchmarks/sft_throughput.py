@@ -1,0 +1,255 @@
+"""LoRA fine-tuning throughput: lightning_ft against TRL's SFTTrainer and a plain PyTorch + PEFT loop.
+
+Same model (the embedded SmolLM2-135M-Instruct), same LoRA (r=16, alpha=32, all linear layers, no dropout),
+same conversations (the triage example), same batch size, max length, precision and number of steps;
+the loss is on assistant tokens only everywhere. Each contender runs in its own process (so peak RSS is
+its own) and prints one JSON line; the parent prints the table::
+
+    pip install -e ".[bench]"
+    python benchmarks/sft_throughput.py                        # all contenders, 12 timed steps each
+    python benchmarks/sft_throughput.py --only lightning_ft --steps 4
+
+Reported per contender: real (non-pad) tokens/s, trained tokens/s, seconds/step, peak RSS, and the model
+FLOP/s (4 x linear parameters x real tokens: forward plus the input gradients of a frozen base; LoRA's
+own FLOPs are negligible) against the matmul peak of this machine, measured here in fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "triage" / "train.jsonl"
+CONTENDERS = ("lightning_ft", "lightning_ft_padded", "trl", "trl_padding_free", "trl_packing", "plain_peft")
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+def matmul_peak(dtype_name: str, size: int = 1024, repeats: int = 20) -> float:
+    """Measured FLOP/s of a square matmul on this machine (best of ``repeats``)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def linear_params(model) -> int:
+    import torch
+
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+class Meter:
+    """Per-step wall time and token counts, skipping the first ``warmup`` steps."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.step, self.started = warmup, 0, 0.0
+        self.seconds, self.tokens, self.trained = 0.0, 0, 0
+        self.pending = (0, 0)
+
+    def count(self, batch) -> None:
+        """Record the real and trained tokens of the batch about to be trained on."""
+        labels = batch["labels"]
+        if "num_tokens" in batch:
+            real = int(batch["num_tokens"])
+        elif "attention_mask" in batch:
+            real = int(batch["attention_mask"].sum())
+        else:  # TRL's padding-free rows: one flattened sequence, no padding
+            real = int(batch["input_ids"].numel())
+        self.pending = (real, int((labels[:, 1:] != -100).sum()))
+
+    def begin(self) -> None:
+        self.started = time.perf_counter()
+
+    def end(self) -> None:
+        if self.step >= self.warmup:
+            self.seconds += time.perf_counter() - self.started
+            self.tokens += self.pending[0]
+            self.trained += self.pending[1]
+        self.step += 1
+
+    def result(self, name: str, n_linear: int, extra: dict | None = None) -> dict:
+        timed = self.step - self.warmup
+        return {
+            "name": name, "steps": timed, "tokens_per_s": self.tokens / self.seconds,
+            "trained_tokens_per_s": self.trained / self.seconds, "s_per_step": self.seconds / timed,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "model_flops": 4 * n_linear * self.tokens / self.seconds, **(extra or {}),
+        }
+
+
+def conversations(limit: int) -> list[list[dict]]:
+    with open(DATA) as file:
+        return [json.loads(line)["messages"] for line in file][:limit]
+
+
+def run_lightning_ft(args, packing: bool) -> dict:
+    import pytorch_lightning as pl
+
+    from lightning_ft import ChatDataModule, FineTuneModule, LoRA
+
+    meter = Meter(args.warmup)
+
+    class Timing(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            meter.count(batch)
+            meter.begin()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            meter.end()
+
+    module = FineTuneModule(adapter=LoRA(r=16, alpha=32, dropout=0.0), compile=args.compile)
+    data = ChatDataModule(str(DATA), tokenizer=module.hparams.model_name, batch_size=args.batch_size,
+                          max_length=args.max_length, packing="auto" if packing else False, encode_cache=False)
+    trainer = pl.Trainer(max_steps=args.warmup + args.steps, precision="32-true", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, callbacks=[Timing()])
+    trainer.fit(module, data)
+    name = "lightning_ft" + ("" if packing else " (padded)") + (" +compile" if args.compile else "")
+    return meter.result(name, linear_params(module.model.get_base_model()))
+
+
+def run_trl(args, variant: str) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
+
+    meter = Meter(args.warmup)
+    rows = [{"prompt": conv[:-1], "completion": conv[-1:]} for conv in conversations(10**9)]
+    config = SFTConfig(
+        output_dir=str(Path(args.workdir) / variant), per_device_train_batch_size=args.batch_size,
+        # Padding-free without packing refuses max_length: the triage conversations are all shorter anyway.
+        max_length=None if variant == "trl_padding_free" else args.max_length,
+        max_steps=args.warmup + args.steps, learning_rate=2e-4,
+        completion_only_loss=True, padding_free=variant == "trl_padding_free", packing=variant == "trl_packing",
+        bf16=False, fp16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**6,
+        dataloader_num_workers=0, seed=42,
+    )
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    trainer = SFTTrainer(model=load_model(DEFAULT_MODEL), args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+    collate = trainer.data_collator
+
+    def counting_collator(features):
+        batch = collate(features)
+        meter.count(batch)
+        return batch
+
+    trainer.data_collator = counting_collator
+
+    class Timing(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            meter.begin()
+
+        def on_step_end(self, *_, **__):
+            meter.end()
+
+    trainer.add_callback(Timing())
+    trainer.train()
+    return meter.result(variant.replace("_", " ").replace("trl", "TRL SFTTrainer", 1),
+                        linear_params(trainer.model.get_base_model()))
+
+
+def run_plain(args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_ft.data.collate import collate, encode_conversation, truncate_example
+    from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
+
+    torch.manual_seed(42)
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    examples = [truncate_example(encode_conversation(conv, tokenizer), args.max_length)
+                for conv in conversations(args.batch_size * (args.warmup + args.steps))]
+    model = get_peft_model(load_model(DEFAULT_MODEL), LoraConfig(task_type="CAUSAL_LM", **LORA))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    meter = Meter(args.warmup)
+    for step in range(args.warmup + args.steps):
+        batch = collate(examples[step * args.batch_size:(step + 1) * args.batch_size], tokenizer.pad_token_id)
+        meter.count(batch)
+        meter.begin()
+        loss = model(**batch).loss  # HF's mean over the batch's trained tokens, full-vocabulary logits everywhere
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        meter.end()
+    return meter.result("plain PyTorch + PEFT loop", linear_params(model.get_base_model()))
+
+
+def child(args) -> None:
+    import torch
+
+    torch.manual_seed(42)
+    if args.only in ("lightning_ft", "lightning_ft_padded"):
+        result = run_lightning_ft(args, packing=args.only == "lightning_ft")
+    elif args.only.startswith("trl"):
+        result = run_trl(args, args.only)
+    else:
+        result = run_plain(args)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def table(results: list[dict], peaks: dict[str, float]) -> str:
+    head = (f"{'contender':38} {'tokens/s':>9} {'trained/s':>9} {'s/step':>7} {'peak RSS':>9} "
+            f"{'GFLOP/s':>8} {'% fp32 peak':>11} {'% bf16 peak':>11}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r['name']:38} {r['tokens_per_s']:9.1f} {r['trained_tokens_per_s']:9.1f} {r['s_per_step']:7.2f} "
+                     f"{r['peak_rss_gb']:7.2f}GB {r['model_flops'] / 1e9:8.1f} "
+                     f"{100 * r['model_flops'] / peaks['float32']:10.1f}% {100 * r['model_flops'] / peaks['bfloat16']:10.1f}%")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("::")[0])
+    parser.add_argument("--only", choices=CONTENDERS, action="append", help="contenders to run (default: all)")
+    parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per contender")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--compile", action="store_true", help="lightning_ft with model.compile=true")
+    parser.add_argument("--workdir", default="runs/bench")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.only = args.only[0]
+        return child(args)
+    import torch
+
+    peaks = {name: matmul_peak(name) for name in ("float32", "bfloat16")}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; matmul peak "
+          f"fp32 {peaks['float32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s", flush=True)
+    results = []
+    for name in args.only or CONTENDERS:
+        command = [sys.executable, __file__, "--child", "--only", name, "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--batch_size", str(args.batch_size), "--max_length", str(args.max_length),
+                   "--workdir", args.workdir] + (["--compile"] if args.compile else [])
+        done = subprocess.run(command, capture_output=True, text=True)
+        found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not found:
+            print(f"{name}: failed (exit {done.returncode})\n{done.stderr[-2000:]}", flush=True)
+            continue
+        results.append(json.loads(found[0]))
+        print(f"{name}: {results[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+    print(table(results, peaks))
+
+
+if __name__ == "__main__":
+    main()
