@@ -39,13 +39,11 @@ def kl_sum(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.kl_div(logp, base_logp, log_target=True, reduction="sum")
 
 
-def _chunk_loss_kl(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, base_head: torch.nn.Module,
-                   base_hidden: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+def _chunk_kl(head: torch.nn.Module, hidden: torch.Tensor, base_head: torch.nn.Module,
+              base_hidden: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         base_logits = base_head(base_hidden)
-    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    return torch.stack([ce, kl_sum(base_logits, logits)])
+    return kl_sum(base_logits, head(hidden))
 
 
 @torch.no_grad()
@@ -106,8 +104,9 @@ class FineTuneModule(pl.LightningModule):
         trained_logits_only: Compute the output head and loss only at trained positions (same loss and
             gradients, less compute and memory); ``False`` uses the model's full logits.
         logits_chunk_size: Trained positions per chunk of head + loss.
-        kl_beta: Weight of a KL(base || current) penalty on the trained positions, added to the loss to
-            hold the model near what the base model would say (0 turns it off). For LoRA and other
+        kl_beta: Weight of a KL(base || current) penalty, the mean over every real position of the batch
+            (prompts included), added to the per-token loss to hold the model near what the base model would
+            say (0 turns it off). For LoRA and other
             adapters the base is the same model with the adapter disabled (one extra forward pass, no
             copy); full fine-tuning keeps a frozen copy of the base model in memory. Logged as ``train/kl``.
         compile: Compile each decoder layer with ``torch.compile`` (in place: checkpoints and exports are
@@ -268,7 +267,9 @@ class FineTuneModule(pl.LightningModule):
     def _loss_sum(self, batch: dict[str, torch.Tensor], with_kl: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Summed next-token cross-entropy over trained positions, how many positions that is, and (with
-        ``with_kl``) the summed KL(base || current) over the same positions.
+        ``with_kl``) the mean KL(base || current) of the next-token distributions over every real (non-pad)
+        position of the batch: prompts too, so the penalty holds the model near the base on what it reads,
+        not only where the data pulls it away.
 
         By default the output head runs only where a label is trained, in chunks, instead of producing
         ``vocab x sequence`` logits everywhere: the prompt, the system message and padding cost no head
@@ -279,39 +280,44 @@ class FineTuneModule(pl.LightningModule):
         targets = labels[trained]
         # Padded batches carry an attention mask; packed ones position ids (and must not carry a mask).
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
+        real = batch.get("attention_mask", batch.get("token_mask", torch.ones_like(batch["input_ids"])))
+        real = real[:, :-1].bool()
         parts = self._head_parts()
         if parts is None:
-            logits = self(**inputs).logits[:, :-1][trained].float()
-            loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+            logits = self(**inputs).logits[:, :-1]
+            loss_sum = torch.nn.functional.cross_entropy(logits[trained].float(), targets, reduction="sum")
             if not with_kl:
                 return loss_sum, trained.sum(), None
             with torch.no_grad(), self.base_model() as base:
-                base_logits = base(**inputs).logits[:, :-1][trained]
-            return loss_sum, trained.sum(), kl_sum(base_logits, logits)
+                base_logits = base(**inputs).logits[:, :-1][real]
+            return loss_sum, trained.sum(), kl_sum(base_logits, logits[real]) / real.sum().clamp(min=1)
         decoder, head = parts
-        selected = decoder(**inputs).last_hidden_state[:, :-1][trained]
-        base_selected, base_head = None, None
-        if with_kl:
-            with torch.no_grad(), self.base_model() as base:
-                base = base.get_base_model() if hasattr(base, "get_base_model") else base
-                base_selected = base.get_decoder()(**inputs).last_hidden_state[:, :-1][trained]
-                base_head = base.get_output_embeddings()
-                base_head = getattr(base_head, "base_layer", base_head)  # a LoRA-wrapped head's frozen weight
-        sums = selected.new_zeros(2, dtype=torch.float32)  # cross-entropy, KL
+        hidden = decoder(**inputs).last_hidden_state[:, :-1]
+        loss_sum = self._chunked(_chunk_loss, head, hidden[trained], targets)
+        if not with_kl:
+            return loss_sum, trained.sum(), None
+        with torch.no_grad(), self.base_model() as base:
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            base_hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][real]
+            base_head = base.get_output_embeddings()
+            base_head = getattr(base_head, "base_layer", base_head)  # a LoRA-wrapped head's frozen weight
+        kl = self._chunked(_chunk_kl, head, hidden[real], base_head, base_hidden)
+        return loss_sum, trained.sum(), kl / real.sum().clamp(min=1)
+
+    def _chunked(self, function: Any, head: torch.nn.Module, hidden: torch.Tensor, *per_row: Any) -> torch.Tensor:
+        """Sum ``function(head, hidden[chunk], ...)`` over chunks of positions; arguments after ``hidden`` that
+        are tensors are chunked alike, modules passed as is. With gradients, each chunk's logits are
+        recomputed in backward rather than kept alive."""
+        total = hidden.new_zeros((), dtype=torch.float32)
         size = self.hparams.logits_chunk_size
-        for start in range(0, targets.numel(), size):
+        for start in range(0, hidden.shape[0], size):
             chunk = slice(start, start + size)
-            args = (head, selected[chunk], targets[chunk])
-            function = _chunk_loss
-            if with_kl:
-                args, function = (*args, base_head, base_selected[chunk]), _chunk_loss_kl
+            args = [arg[chunk] if isinstance(arg, torch.Tensor) else arg for arg in per_row]
             if torch.is_grad_enabled():
-                # Recompute the chunk's logits in backward rather than keep every chunk alive.
-                terms = checkpoint(function, *args, use_reentrant=False)
+                total = total + checkpoint(function, head, hidden[chunk], *args, use_reentrant=False)
             else:
-                terms = function(*args)
-            sums = sums + (terms if with_kl else torch.stack([terms, terms.new_zeros(())]))
-        return sums[0], trained.sum(), sums[1] if with_kl else None
+                total = total + function(head, hidden[chunk], *args)
+        return total
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         beta = self.hparams.kl_beta
@@ -322,8 +328,9 @@ class FineTuneModule(pl.LightningModule):
                     if "attention_mask" in batch else batch["input_ids"].numel())
         self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
         if kl is not None:
-            self.log("train/kl", kl.detach() / n_trained.clamp(min=1), prog_bar=True, batch_size=int(n_trained))
-            loss_sum = loss_sum + beta * kl
+            self.log("train/kl", kl.detach(), prog_bar=True, batch_size=int(n_trained))
+            # Gradients are divided by the trained tokens later: scaling by them keeps beta a per-token weight.
+            loss_sum = loss_sum + beta * kl * n_trained
         if "replay_tokens" in batch:
             replay_trained = ((batch["labels"][:, 1:] != IGNORE_INDEX) & batch["replay_tokens"][:, 1:]).sum()
             self.log("train/replay_share", replay_trained.float() / n_trained.clamp(min=1), batch_size=int(n_trained))

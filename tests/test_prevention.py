@@ -81,7 +81,7 @@ def _perturb_adapter(module):
 
 
 @pytest.mark.parametrize("trained_logits_only", [True, False])
-def test_kl_penalty_is_zero_for_the_base_and_equals_a_naive_reference(tiny_model_dir, tmp_path, trained_logits_only):
+def test_kl_penalty_is_zero_for_the_base_and_equals_a_naive_mean_over_real_positions(tiny_model_dir, tmp_path, trained_logits_only):
     module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4, dropout=0.0), kl_beta=0.5,
                             trained_logits_only=trained_logits_only, logits_chunk_size=7)
     module.configure_model()
@@ -90,12 +90,12 @@ def test_kl_penalty_is_zero_for_the_base_and_equals_a_naive_reference(tiny_model
     assert kl.item() == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA (B = 0) is the base model
     _perturb_adapter(module)
     loss_sum, count, kl = module._loss_sum(batch, with_kl=True)
-    trained = batch["labels"][:, 1:] != -100
-    current = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][trained]
+    real = batch["attention_mask"][:, :-1].bool()  # every real position, prompts included
+    current = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][real]
     with module.model.disable_adapter():
-        base = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][trained]
+        base = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][real]
     reference = sum((base[i].softmax(-1) * (base[i].log_softmax(-1) - current[i].log_softmax(-1))).sum()
-                    for i in range(len(base)))
+                    for i in range(len(base))) / len(base)
     assert kl.item() > 1e-3
     assert kl.item() == pytest.approx(reference.item(), rel=1e-4)
     (loss_sum + kl).backward()

@@ -232,8 +232,8 @@ def collate_packed(examples: Sequence[Example], pad_token_id: int, max_length: i
     own block, with ignored labels.
 
     Returns:
-        ``input_ids``, ``labels`` and ``position_ids`` of shape ``(rows, length)``; ``num_tokens``, the real
-        (non-pad) token count; and ``replay_tokens``, a bool mask of the tokens of replay conversations, when
+        ``input_ids``, ``labels`` and ``position_ids`` of shape ``(rows, length)``; ``token_mask``, true at
+        real (non-pad) tokens, and ``num_tokens``, their count; and ``replay_tokens``, a bool mask of the tokens of replay conversations, when
         the examples carry a ``replay`` mark.
     """
     if not examples:
@@ -257,9 +257,11 @@ def collate_packed(examples: Sequence[Example], pad_token_id: int, max_length: i
         positions[r] += range(pad)
         if marked:
             replay[r] += [False] * pad
+    sizes = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
     batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
              "position_ids": torch.tensor(positions, dtype=torch.long),
-             "num_tokens": torch.tensor(sum(len(example["input_ids"]) for example in examples))}
+             "token_mask": torch.arange(length)[None, :] < torch.tensor(sizes)[:, None],
+             "num_tokens": torch.tensor(sum(sizes))}
     if marked:
         batch["replay_tokens"] = torch.tensor(replay, dtype=torch.bool)
     return batch
