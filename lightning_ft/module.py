@@ -13,12 +13,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.checkpoint import checkpoint
 
 from peft import PeftConfig
 
 from lightning_ft.export import atomic_directory
 from lightning_ft.adapters import FullFineTune, LoRA, PeftAdapter, QLoRA
+from lightning_ft.losses import chunk_cross_entropy, chunk_kl, chunked_sum, kl_sum, packing_is_exact
 from lightning_ft.models import DEFAULT_MODEL, base_fingerprint, load_model, load_tokenizer
 from lightning_ft.schedules import DecayName, lr_lambda, warmup_steps_for
 
@@ -26,47 +26,6 @@ IGNORE_INDEX = -100
 #: Peak learning rates that work for each method, and the level above which forgetting is likely.
 DEFAULT_LR = {"lora": 2e-4, "peft": 2e-4, "full": 1e-5}
 DESTRUCTIVE_LR = {"lora": 1e-3, "peft": 1e-2, "full": 1e-4}
-
-
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
-
-
-def kl_sum(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Summed KL(base || current) over rows of ``(positions, vocab)`` logits (gradient flows into ``logits``)."""
-    base_logp = torch.log_softmax(base_logits.float(), dim=-1)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return torch.nn.functional.kl_div(logp, base_logp, log_target=True, reduction="sum")
-
-
-def _chunk_kl(head: torch.nn.Module, hidden: torch.Tensor, base_head: torch.nn.Module,
-              base_hidden: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        base_logits = base_head(base_hidden)
-    return kl_sum(base_logits, head(hidden))
-
-
-@torch.no_grad()
-def packing_is_exact(model: torch.nn.Module, tolerance: float = 1e-3) -> bool:
-    """Whether ``model`` keeps two conversations packed in one row apart, given restarting position ids.
-
-    Runs two short random sequences separately and packed (no attention mask), in eval mode, and compares
-    the logits: Hugging Face models whose masks come from ``transformers.masking_utils`` (Llama, Qwen, Mistral,
-    Gemma, ...) pass; a model that lets packed conversations attend to each other fails.
-    """
-    embeddings = model.get_input_embeddings()
-    generator = torch.Generator().manual_seed(0)
-    first, second = (torch.randint(embeddings.num_embeddings, (1, n), generator=generator) for n in (6, 5))
-    device = embeddings.weight.device
-    positions = torch.tensor([[*range(6), *range(5)]], device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        apart = torch.cat([model(input_ids=ids.to(device)).logits for ids in (first, second)], dim=1)
-        packed = model(input_ids=torch.cat([first, second], dim=1).to(device), position_ids=positions).logits
-    finally:
-        model.train(was_training)
-    return packed.shape == apart.shape and torch.allclose(packed.float(), apart.float(), rtol=tolerance, atol=tolerance)
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
@@ -293,7 +252,7 @@ class FineTuneModule(pl.LightningModule):
             return loss_sum, trained.sum(), kl_sum(base_logits, logits[real]) / real.sum().clamp(min=1)
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state[:, :-1]
-        loss_sum = self._chunked(_chunk_loss, head, hidden[trained], targets)
+        loss_sum = chunked_sum(chunk_cross_entropy, self.hparams.logits_chunk_size, head, hidden[trained], targets)
         if not with_kl:
             return loss_sum, trained.sum(), None
         with torch.no_grad(), self.base_model() as base:
@@ -301,23 +260,8 @@ class FineTuneModule(pl.LightningModule):
             base_hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][real]
             base_head = base.get_output_embeddings()
             base_head = getattr(base_head, "base_layer", base_head)  # a LoRA-wrapped head's frozen weight
-        kl = self._chunked(_chunk_kl, head, hidden[real], base_head, base_hidden)
+        kl = chunked_sum(chunk_kl, self.hparams.logits_chunk_size, head, hidden[real], base_head, base_hidden)
         return loss_sum, trained.sum(), kl / real.sum().clamp(min=1)
-
-    def _chunked(self, function: Any, head: torch.nn.Module, hidden: torch.Tensor, *per_row: Any) -> torch.Tensor:
-        """Sum ``function(head, hidden[chunk], ...)`` over chunks of positions; arguments after ``hidden`` that
-        are tensors are chunked alike, modules passed as is. With gradients, each chunk's logits are
-        recomputed in backward rather than kept alive."""
-        total = hidden.new_zeros((), dtype=torch.float32)
-        size = self.hparams.logits_chunk_size
-        for start in range(0, hidden.shape[0], size):
-            chunk = slice(start, start + size)
-            args = [arg[chunk] if isinstance(arg, torch.Tensor) else arg for arg in per_row]
-            if torch.is_grad_enabled():
-                total = total + checkpoint(function, head, hidden[chunk], *args, use_reentrant=False)
-            else:
-                total = total + function(head, hidden[chunk], *args)
-        return total
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         beta = self.hparams.kl_beta

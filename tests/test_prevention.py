@@ -15,7 +15,7 @@ from lightning_ft import ChatDataModule, FineTuneModule, FullFineTune, LoRA
 from lightning_ft.data.datamodule import DEFAULT_REPLAY
 from lightning_ft.data.formats import DataError
 from lightning_ft.data.sampling import ResumableSampler
-from lightning_ft.module import kl_sum
+from lightning_ft.losses import kl_sum
 
 
 def test_sampler_without_replay_keeps_its_order():

@@ -10,7 +10,7 @@ from helpers import write_chat_file
 from lightning_ft import ChatDataModule, FineTuneModule, LoRA
 from lightning_ft.data.collate import IGNORE_INDEX, collate, collate_packed, pack_rows
 from lightning_ft.data.sampling import ResumableSampler
-from lightning_ft.module import packing_is_exact
+from lightning_ft.losses import packing_is_exact
 
 
 def test_pack_rows_fills_rows_longest_first():
