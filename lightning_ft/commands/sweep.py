@@ -151,7 +151,7 @@ def _print_table(results: list[RunResult], recommended: RunResult | None, reason
 
     table = Table(title=f"Learning-rate sweep ({directory})", caption=reason)
     for column in ("lr", "steps", "val loss", "task success", "acc drop", "KL", "within", "Pareto"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=True)
     for run in results:
         star = " *" if recommended is run else ""
         table.add_row(
