@@ -53,11 +53,14 @@ class ResumableSampler(Sampler[int]):
         if not self.replay_per_epoch:
             return []
         start = epoch * self.replay_per_epoch
+        cycles: dict[int, list[int]] = {}  # one seeded permutation of the pool per pass over it
         drawn = []
         for position in range(start, start + self.replay_per_epoch):
             cycle, offset = divmod(position, self.replay_size)
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + cycle)
-            drawn.append(self.size + int(torch.randperm(self.replay_size, generator=generator)[offset]))
+            if cycle not in cycles:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + cycle)
+                cycles[cycle] = torch.randperm(self.replay_size, generator=generator).tolist()
+            drawn.append(self.size + cycles[cycle][offset])
         return drawn
 
     def order(self, epoch: int) -> list[int]:
