@@ -112,14 +112,16 @@ def run_lightning_ft(args, packing: bool) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             meter.end()
 
-    module = FineTuneModule(adapter=LoRA(r=16, alpha=32, dropout=0.0), compile=args.compile)
+    module = FineTuneModule(adapter=LoRA(r=16, alpha=32, dropout=0.0), compile=args.compile,
+                            gradient_checkpointing=args.gradient_checkpointing)
     data = ChatDataModule(str(DATA), tokenizer=module.hparams.model_name, batch_size=args.batch_size,
                           max_length=args.max_length, packing="auto" if packing else False, encode_cache=False)
     trainer = pl.Trainer(max_steps=args.warmup + args.steps, precision="32-true", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=[Timing()])
     trainer.fit(module, data)
-    name = "lightning_ft" + ("" if packing else " (padded)") + (" +compile" if args.compile else "")
+    name = ("lightning_ft" + ("" if packing else " (padded)") + (" +compile" if args.compile else "")
+            + (" +checkpointing" if args.gradient_checkpointing else ""))
     return meter.result(name, linear_params(module.model.get_base_model()))
 
 
@@ -228,6 +230,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="lightning_ft with model.compile=true")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="lightning_ft with model.gradient_checkpointing=true (TRL's default memory trade)")
     parser.add_argument("--workdir", default="runs/bench")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,7 +247,8 @@ def main() -> None:
     for name in args.only or CONTENDERS:
         command = [sys.executable, __file__, "--child", "--only", name, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch_size", str(args.batch_size), "--max_length", str(args.max_length),
-                   "--workdir", args.workdir] + (["--compile"] if args.compile else [])
+                   "--workdir", args.workdir] + (["--compile"] if args.compile else []) + (
+                   ["--gradient_checkpointing"] if args.gradient_checkpointing else [])
         done = subprocess.run(command, capture_output=True, text=True)
         found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not found:
