@@ -19,6 +19,21 @@ import torch
 
 
 @contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` that replaces it only if the block finishes without error."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
+    os.close(handle)
+    try:
+        yield Path(staging)
+        os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            os.unlink(staging)
+
+
+@contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` only if the block finishes without error.
 

@@ -5,10 +5,10 @@ matplotlib is optional (the ``plot`` extra) and imported only here, when a plot 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from lightning_ft.export import atomic_file
 
 #: What ``lightning_ft plot`` draws when no ``--tags`` are given: forgetting, drift and adaptation.
 DEFAULT_TAGS = ("forgetting/acc", "forgetting/kl", "val/loss")
@@ -60,17 +60,9 @@ def read_scalars(run: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 def save_figure(figure: Any, out: str | Path) -> Path:
     """Write a matplotlib figure to ``out`` atomically (a temporary file in the same directory, renamed)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix or ".png")
-    os.close(handle)
-    try:
-        figure.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    with atomic_file(out) as staging:
+        figure.savefig(staging, dpi=120, bbox_inches="tight", format=Path(out).suffix.lstrip(".") or "png")
+    return Path(out)
 
 
 def plot_runs(runs: dict[str, str | Path], out: str | Path, tags: tuple[str, ...] | list[str] = DEFAULT_TAGS,

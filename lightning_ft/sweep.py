@@ -14,11 +14,11 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lightning_ft.export import atomic_file
 
 #: How far the default grid reaches either side of the centre learning rate (a factor of 10).
 DEFAULT_SPAN = 10.0
@@ -140,15 +140,8 @@ def fingerprint(fit_args: list[str], steps: int) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory, renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as staging:
+        staging.write_text(text)
 
 
 def write_tables(directory: Path, results: list[RunResult], recommended: RunResult | None, reason: str) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 
 from lightning_ft.data.collate import Example
 from lightning_ft.data.formats import Conversation
+from lightning_ft.export import atomic_file
 from lightning_ft.models import cache_dir
 
 #: Bumped whenever encoding itself changes (labels, truncation), invalidating every entry.
@@ -76,14 +75,7 @@ def save(key: str, examples: Sequence[Example], stats: dict[str, int]) -> None:
         "stats": dict(stats),
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(handle)
-        try:
-            torch.save(entry, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path) as staging:
+            torch.save(entry, staging)
     except OSError:
         pass  # a read-only cache directory only costs the next run the tokenising
