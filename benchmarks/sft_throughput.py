@@ -64,8 +64,8 @@ class Meter:
     def count(self, batch) -> None:
         """Record the real and trained tokens of the batch about to be trained on."""
         labels = batch["labels"]
-        if "num_tokens" in batch:
-            real = int(batch["num_tokens"])
+        if "token_mask" in batch:  # lightning_ft's packed rows
+            real = int(batch["token_mask"].sum())
         elif "attention_mask" in batch:
             real = int(batch["attention_mask"].sum())
         else:  # TRL's padding-free rows: one flattened sequence, no padding

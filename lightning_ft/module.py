@@ -28,6 +28,12 @@ DEFAULT_LR = {"lora": 2e-4, "peft": 2e-4, "full": 1e-5}
 DESTRUCTIVE_LR = {"lora": 1e-3, "peft": 1e-2, "full": 1e-4}
 
 
+def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Bool mask of real (non-pad) tokens: padded batches carry an attention mask, packed ones a token mask."""
+    mask = batch.get("attention_mask", batch.get("token_mask"))
+    return torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
+
+
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     # Weight decay pulls weights to zero: right for matrices, wrong for norms' gains and biases.
     return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
@@ -65,9 +71,9 @@ class FineTuneModule(pl.LightningModule):
         logits_chunk_size: Trained positions per chunk of head + loss.
         kl_beta: Weight of a KL(base || current) penalty, the mean over every real position of the batch
             (prompts included), added to the per-token loss to hold the model near what the base model would
-            say (0 turns it off). For LoRA and other
-            adapters the base is the same model with the adapter disabled (one extra forward pass, no
-            copy); full fine-tuning keeps a frozen copy of the base model in memory. Logged as ``train/kl``.
+            say (0 turns it off). For LoRA and other adapters the base is the same model with the adapter
+            disabled (one extra forward pass, no copy); full fine-tuning keeps a frozen copy of the base
+            model in memory. Logged as ``train/kl``.
         compile: Compile each decoder layer with ``torch.compile`` (in place: checkpoints and exports are
             unchanged). Faster steps once compiled; the first steps (and each new sequence length until
             shapes turn dynamic) pay the compilation, so it is off by default.
@@ -113,7 +119,7 @@ class FineTuneModule(pl.LightningModule):
             problems.append(f"logits_chunk_size={logits_chunk_size} must be >= 1")
         if kl_beta < 0:
             problems.append(f"kl_beta={kl_beta} must be >= 0")
-        if kl_beta > 0 and isinstance(self.adapter, PeftAdapter) and self.adapter.config.is_prompt_learning:
+        if kl_beta > 0 and self._prompt_learning:
             problems.append("kl_beta > 0 does not work with prompt-learning adapters (their forward adds virtual "
                             "tokens, so positions do not line up with the base model's)")
         if decay not in ("cosine", "linear", "constant"):
@@ -196,6 +202,11 @@ class FineTuneModule(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    @property
+    def _prompt_learning(self) -> bool:
+        """A peft prompt-learning adapter: its forward prepends virtual tokens, so positions shift."""
+        return isinstance(self.adapter, PeftAdapter) and self.adapter.config.is_prompt_learning
+
     def supports_packing(self) -> bool:
         """Whether packed batches (several conversations per row, restarting position ids) train exactly
         like padded ones with this model; :class:`~lightning_ft.ChatDataModule` packs by default when so.
@@ -203,8 +214,7 @@ class FineTuneModule(pl.LightningModule):
         if self._packing_exact is None:
             if self.model is None:
                 return False
-            prompt_learning = isinstance(self.adapter, PeftAdapter) and self.adapter.config.is_prompt_learning
-            self._packing_exact = not prompt_learning and packing_is_exact(self.model)
+            self._packing_exact = not self._prompt_learning and packing_is_exact(self.model)
             if not self._packing_exact:
                 rank_zero_warn(f"{type(self.model).__name__} mixes conversations packed into one row, so batches "
                                "are padded instead (slower; data.packing=false silences this).")
@@ -215,7 +225,7 @@ class FineTuneModule(pl.LightningModule):
         """The decoder and the output head, when the loss may skip logits at untrained positions."""
         if not self.hparams.trained_logits_only:
             return None
-        if isinstance(self.adapter, PeftAdapter) and self.adapter.config.is_prompt_learning:
+        if self._prompt_learning:
             return None  # prompt tuning prepends virtual tokens inside PeftModel.forward
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if getattr(base.config, "final_logit_softcapping", None):
@@ -239,8 +249,7 @@ class FineTuneModule(pl.LightningModule):
         targets = labels[trained]
         # Padded batches carry an attention mask; packed ones position ids (and must not carry a mask).
         inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
-        real = batch.get("attention_mask", batch.get("token_mask", torch.ones_like(batch["input_ids"])))
-        real = real[:, :-1].bool()
+        real = _real_tokens(batch)[:, :-1]
         parts = self._head_parts()
         if parts is None:
             logits = self(**inputs).logits[:, :-1]
@@ -268,8 +277,7 @@ class FineTuneModule(pl.LightningModule):
         loss_sum, n_trained, kl = self._loss_sum(batch, with_kl=beta > 0)
         loss = loss_sum.detach() / n_trained.clamp(min=1)
         self._window_trained += int(n_trained)
-        n_tokens = (batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum()
-                    if "attention_mask" in batch else batch["input_ids"].numel())
+        n_tokens = _real_tokens(batch).sum()
         self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
         if kl is not None:
             self.log("train/kl", kl.detach(), prog_bar=True, batch_size=int(n_trained))

@@ -233,8 +233,8 @@ def collate_packed(examples: Sequence[Example], pad_token_id: int, max_length: i
 
     Returns:
         ``input_ids``, ``labels`` and ``position_ids`` of shape ``(rows, length)``; ``token_mask``, true at
-        real (non-pad) tokens, and ``num_tokens``, their count; and ``replay_tokens``, a bool mask of the tokens of replay conversations, when
-        the examples carry a ``replay`` mark.
+        real (non-pad) tokens; and ``replay_tokens``, a bool mask of the tokens of replay conversations,
+        when the examples carry a ``replay`` mark.
     """
     if not examples:
         raise ValueError("collate_packed needs at least one example")
@@ -260,8 +260,7 @@ def collate_packed(examples: Sequence[Example], pad_token_id: int, max_length: i
     sizes = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
     batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
              "position_ids": torch.tensor(positions, dtype=torch.long),
-             "token_mask": torch.arange(length)[None, :] < torch.tensor(sizes)[:, None],
-             "num_tokens": torch.tensor(sum(sizes))}
+             "token_mask": torch.arange(length)[None, :] < torch.tensor(sizes)[:, None]}
     if marked:
         batch["replay_tokens"] = torch.tensor(replay, dtype=torch.bool)
     return batch
