@@ -14,9 +14,8 @@ import hashlib
 import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 from lightning_ft.export import atomic_file
 
@@ -77,7 +76,6 @@ class RunResult:
     within_thresholds: bool = True
     seconds: float = 0.0
     pareto: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def adaptation(self) -> float:
         """Higher is better: task success when measured, else minus the validation loss."""
@@ -150,9 +148,8 @@ def write_tables(directory: Path, results: list[RunResult], recommended: RunResu
     write_atomic(directory / "sweep.json", json.dumps({
         "runs": rows, "recommended_lr": recommended.learning_rate if recommended else None, "reason": reason,
     }, indent=2) + "\n")
-    columns = [name for name in rows[0] if name != "extra"] if rows else []
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(RunResult)])
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(directory / "sweep.csv", buffer.getvalue())
