@@ -6,7 +6,7 @@ the loss is on assistant tokens only everywhere. Each contender runs in its own 
 its own) and prints one JSON line; the parent prints the table::
 
     pip install -e ".[bench]"
-    python benchmarks/sft_throughput.py                        # all contenders, 12 timed steps each
+    python benchmarks/sft_throughput.py                        # all contenders, 12 timed steps after 3 untimed
     python benchmarks/sft_throughput.py --only lightning_ft --steps 4
 
 Reported per contender: real (non-pad) tokens/s, trained tokens/s, seconds/step, peak RSS, and the model
@@ -27,8 +27,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "triage" / "train.jsonl"
-CONTENDERS = ("lightning_ft", "lightning_ft_padded", "trl", "trl_no_checkpointing", "trl_padding_free", "trl_packing",
-              "plain_peft")
+#: lightning_ft contenders and their FineTuneModule / ChatDataModule settings on top of the defaults.
+LIGHTNING_FT = {
+    "lightning_ft": {},
+    "lightning_ft_packed": {"packing": True},
+    "lightning_ft_checkpointing": {"gradient_checkpointing": True},
+    "lightning_ft_compile": {"compile": True},
+    "lightning_ft_compile_half_checkpointing": {"compile": True, "gradient_checkpointing": 0.5},
+}
+CONTENDERS = (*LIGHTNING_FT, "trl", "trl_no_checkpointing", "trl_padding_free", "trl_padding_free_compile",
+              "trl_packing", "plain_peft")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
@@ -59,6 +67,7 @@ class Meter:
     def __init__(self, warmup: int) -> None:
         self.warmup, self.step, self.started = warmup, 0, 0.0
         self.seconds, self.tokens, self.trained = 0.0, 0, 0
+        self.warmup_seconds = 0.0  # the untimed first steps: compilation shows up here
         self.pending = (0, 0)
 
     def count(self, batch) -> None:
@@ -76,7 +85,9 @@ class Meter:
         self.started = time.perf_counter()
 
     def end(self) -> None:
-        if self.step >= self.warmup:
+        if self.step < self.warmup:
+            self.warmup_seconds += time.perf_counter() - self.started
+        else:
             self.seconds += time.perf_counter() - self.started
             self.tokens += self.pending[0]
             self.trained += self.pending[1]
@@ -88,7 +99,8 @@ class Meter:
             "name": name, "steps": timed, "tokens_per_s": self.tokens / self.seconds,
             "trained_tokens_per_s": self.trained / self.seconds, "s_per_step": self.seconds / timed,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "model_flops": 4 * n_linear * self.tokens / self.seconds, **(extra or {}),
+            "model_flops": 4 * n_linear * self.tokens / self.seconds, "warmup_s": self.warmup_seconds,
+            **(extra or {}),
         }
 
 
@@ -97,11 +109,13 @@ def conversations(limit: int) -> list[list[dict]]:
         return [json.loads(line)["messages"] for line in file][:limit]
 
 
-def run_lightning_ft(args, packing: bool) -> dict:
+def run_lightning_ft(args, contender: str) -> dict:
     import pytorch_lightning as pl
 
     from lightning_ft import ChatDataModule, FineTuneModule, LoRA
 
+    settings = dict(LIGHTNING_FT[contender])
+    packing = settings.pop("packing", "auto")
     meter = Meter(args.warmup)
 
     class Timing(pl.Callback):
@@ -112,16 +126,15 @@ def run_lightning_ft(args, packing: bool) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             meter.end()
 
-    module = FineTuneModule(adapter=LoRA(r=16, alpha=32, dropout=0.0), compile=args.compile,
-                            gradient_checkpointing=args.gradient_checkpointing)
+    module = FineTuneModule(adapter=LoRA(r=16, alpha=32, dropout=0.0), **settings)
     data = ChatDataModule(str(DATA), tokenizer=module.hparams.model_name, batch_size=args.batch_size,
-                          max_length=args.max_length, packing="auto" if packing else False, encode_cache=False)
+                          max_length=args.max_length, packing=packing, encode_cache=False)
     trainer = pl.Trainer(max_steps=args.warmup + args.steps, precision="32-true", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=[Timing()])
     trainer.fit(module, data)
-    name = ("lightning_ft" + ("" if packing else " (padded)") + (" +compile" if args.compile else "")
-            + (" +checkpointing" if args.gradient_checkpointing else ""))
+    name = "lightning_ft, " + (", ".join(f"{key}={value}" for key, value in LIGHTNING_FT[contender].items())
+                               or "defaults") + (" (packed)" if data.packs() and "packing" not in settings else "")
     return meter.result(name, linear_params(module.model.get_base_model()))
 
 
@@ -135,12 +148,14 @@ def run_trl(args, variant: str) -> dict:
 
     meter = Meter(args.warmup)
     rows = [{"prompt": conv[:-1], "completion": conv[-1:]} for conv in conversations(10**9)]
+    padding_free = variant.startswith("trl_padding_free")
     config = SFTConfig(
         output_dir=str(Path(args.workdir) / variant), per_device_train_batch_size=args.batch_size,
         # Padding-free without packing refuses max_length: the triage conversations are all shorter anyway.
-        max_length=None if variant == "trl_padding_free" else args.max_length,
+        max_length=None if padding_free else args.max_length,
         max_steps=args.warmup + args.steps, learning_rate=2e-4,
-        completion_only_loss=True, padding_free=variant == "trl_padding_free", packing=variant == "trl_packing",
+        completion_only_loss=True, padding_free=padding_free, packing=variant == "trl_packing",
+        torch_compile=variant.endswith("_compile"),
         # TRL turns gradient checkpointing on by default: less memory, ~1/3 more compute per step.
         gradient_checkpointing=variant != "trl_no_checkpointing",
         bf16=False, fp16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**6,
@@ -202,8 +217,8 @@ def child(args) -> None:
     import torch
 
     torch.manual_seed(42)
-    if args.only in ("lightning_ft", "lightning_ft_padded"):
-        result = run_lightning_ft(args, packing=args.only == "lightning_ft")
+    if args.only in LIGHTNING_FT:
+        result = run_lightning_ft(args, args.only)
     elif args.only.startswith("trl"):
         result = run_trl(args, args.only)
     else:
@@ -212,13 +227,13 @@ def child(args) -> None:
 
 
 def table(results: list[dict], peaks: dict[str, float]) -> str:
-    head = (f"{'contender':38} {'tokens/s':>9} {'trained/s':>9} {'s/step':>7} {'peak RSS':>9} "
-            f"{'GFLOP/s':>8} {'% fp32 peak':>11} {'% bf16 peak':>11}")
+    head = (f"{'contender':56} {'tokens/s':>9} {'trained/s':>9} {'s/step':>7} {'peak RSS':>9} "
+            f"{'GFLOP/s':>8} {'% fp32 peak':>11} {'% bf16 peak':>11} {'warmup s':>8}")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r['name']:38} {r['tokens_per_s']:9.1f} {r['trained_tokens_per_s']:9.1f} {r['s_per_step']:7.2f} "
+        lines.append(f"{r['name']:56} {r['tokens_per_s']:9.1f} {r['trained_tokens_per_s']:9.1f} {r['s_per_step']:7.2f} "
                      f"{r['peak_rss_gb']:7.2f}GB {r['model_flops'] / 1e9:8.1f} "
-                     f"{100 * r['model_flops'] / peaks['float32']:10.1f}% {100 * r['model_flops'] / peaks['bfloat16']:10.1f}%")
+                     f"{100 * r['model_flops'] / peaks['float32']:10.1f}% {100 * r['model_flops'] / peaks['bfloat16']:10.1f}% {r['warmup_s']:8.1f}")
     return "\n".join(lines)
 
 
@@ -226,12 +241,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("::")[0])
     parser.add_argument("--only", choices=CONTENDERS, action="append", help="contenders to run (default: all)")
     parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per contender")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--compile", action="store_true", help="lightning_ft with model.compile=true")
-    parser.add_argument("--gradient_checkpointing", action="store_true",
-                        help="lightning_ft with model.gradient_checkpointing=true (TRL's default memory trade)")
     parser.add_argument("--workdir", default="runs/bench")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,8 +259,7 @@ def main() -> None:
     for name in args.only or CONTENDERS:
         command = [sys.executable, __file__, "--child", "--only", name, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch_size", str(args.batch_size), "--max_length", str(args.max_length),
-                   "--workdir", args.workdir] + (["--compile"] if args.compile else []) + (
-                   ["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+                   "--workdir", args.workdir]
         done = subprocess.run(command, capture_output=True, text=True)
         found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not found:

@@ -172,3 +172,43 @@ def base_fingerprint(model: Any) -> str:
     with torch.no_grad():
         digest.update(model.get_input_embeddings().weight[:4].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def decoder_layers(model: Any, needed_by: str) -> torch.nn.ModuleList:
+    """The repeated decoder blocks of a Hugging Face causal LM (``get_decoder().layers``)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{needed_by} needs the decoder layers at `get_decoder().layers`, which "
+                         f"{type(model).__name__} does not have")
+    return layers
+
+
+def checkpointed_layers(count: int, fraction: float) -> list[int]:
+    """Indices of ``round(fraction * count)`` of ``count`` layers, spread evenly (``0.5``: every other one)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"gradient_checkpointing must be true, false or a fraction of layers in (0, 1], "
+                         f"got {fraction}")
+    chosen = max(1, round(fraction * count))
+    return sorted({int(i * count / chosen) for i in range(chosen)})
+
+
+def enable_checkpointing(model: Any, fraction: float = 1.0) -> list[int]:
+    """Turn on gradient checkpointing (non-reentrant) for ``fraction`` of the decoder layers; returns their
+    indices. Uses the model's own checkpointing, then switches it off again on the layers not chosen, which
+    keep their activations: every checkpointed layer frees its saved activations and costs a second forward.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()  # LoRA freezes the embeddings, which would cut the graph
+    if fraction == 1:
+        return list(range(len(getattr(model.get_decoder(), "layers", ()))))
+    layers = decoder_layers(model, "A fraction of gradient_checkpointing")
+    chosen = checkpointed_layers(len(layers), fraction)
+    for index, layer in enumerate(layers):
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise ValueError(f"{type(layer).__name__} does not checkpoint per layer: use gradient_checkpointing: true")
+        layer.gradient_checkpointing = index in chosen
+    return chosen

@@ -19,7 +19,8 @@ from peft import PeftConfig
 from lightning_ft.export import atomic_directory
 from lightning_ft.adapters import FullFineTune, LoRA, PeftAdapter, QLoRA
 from lightning_ft.losses import chunk_cross_entropy, chunk_kl, chunked_sum, kl_sum, packing_is_exact
-from lightning_ft.models import DEFAULT_MODEL, base_fingerprint, load_model, load_tokenizer
+from lightning_ft.models import (DEFAULT_MODEL, base_fingerprint, decoder_layers, enable_checkpointing, load_model,
+                                 load_tokenizer)
 from lightning_ft.schedules import DecayName, lr_lambda, warmup_steps_for
 
 IGNORE_INDEX = -100
@@ -65,7 +66,10 @@ class FineTuneModule(pl.LightningModule):
         min_lr_ratio: Floor of the decay as a fraction of the peak learning rate.
         chat_template: A Jinja chat template replacing the tokenizer's own (keep it equal to the data's).
         dtype: Dtype the weights are loaded in; mixed precision is the Trainer's ``precision``.
-        gradient_checkpointing: Recompute activations in the backward pass to save memory.
+        gradient_checkpointing: Recompute activations in the backward pass to save memory: ``True`` for every
+            decoder layer, or the fraction of layers to checkpoint, spread evenly (``0.5``: every other
+            layer). Each checkpointed layer frees its saved activations and costs one more forward of that
+            layer, so a fraction trades memory for speed in between ``False`` and ``True``.
         trained_logits_only: Compute the output head and loss only at trained positions (same loss and
             gradients, less compute and memory); ``False`` uses the model's full logits.
         logits_chunk_size: Trained positions per chunk of head + loss.
@@ -92,7 +96,7 @@ class FineTuneModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         chat_template: str | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | float = False,
         trained_logits_only: bool = True,
         logits_chunk_size: int = 1024,
         kl_beta: float = 0.0,
@@ -117,6 +121,9 @@ class FineTuneModule(pl.LightningModule):
             problems.append(f"min_lr_ratio={min_lr_ratio} must be in [0, 1]")
         if logits_chunk_size < 1:
             problems.append(f"logits_chunk_size={logits_chunk_size} must be >= 1")
+        if not 0 <= float(gradient_checkpointing) <= 1:
+            problems.append(f"gradient_checkpointing={gradient_checkpointing} must be true, false or a fraction "
+                            "of layers in [0, 1]")
         if kl_beta < 0:
             problems.append(f"kl_beta={kl_beta} must be >= 0")
         if kl_beta > 0 and self._prompt_learning:
@@ -158,8 +165,7 @@ class FineTuneModule(pl.LightningModule):
         model = load_model(self.hparams.model_name, dtype=self.hparams.dtype, **self.adapter.load_kwargs())
         self.base_fingerprint = base_fingerprint(model)
         if self.hparams.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()  # LoRA freezes embeddings, which would cut the graph
+            enable_checkpointing(model, float(self.hparams.gradient_checkpointing))
         model.config.use_cache = False
         self.model = self.adapter.attach(model)
         self.model.train()  # from_pretrained returns eval mode, which would silently disable dropout
@@ -169,13 +175,13 @@ class FineTuneModule(pl.LightningModule):
             reference = load_model(self.hparams.model_name, dtype=self.hparams.dtype).eval().requires_grad_(False)
             self._reference = [reference]
 
+    def _hf_model(self) -> torch.nn.Module:
+        """The Hugging Face model inside the peft wrapper (or the model itself for full fine-tuning)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
     def _compile_layers(self) -> None:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        layers = getattr(base.get_decoder(), "layers", None)
-        if not isinstance(layers, torch.nn.ModuleList):
-            raise ValueError(f"compile=True needs the decoder layers at `get_decoder().layers`, which "
-                             f"{type(base).__name__} does not have")
-        for layer in layers:
+        base = self._hf_model()
+        for layer in decoder_layers(base, "compile=True"):
             layer.compile()  # per layer and in place: one small graph reused by every layer, same state dict keys
 
     def on_fit_start(self) -> None:
@@ -207,10 +213,24 @@ class FineTuneModule(pl.LightningModule):
         """A peft prompt-learning adapter: its forward prepends virtual tokens, so positions shift."""
         return isinstance(self.adapter, PeftAdapter) and self.adapter.config.is_prompt_learning
 
+    def packs_natively(self) -> bool:
+        """Whether the model's attention takes packed rows as separate sequences (flash-attention varlen
+        kernels, flex attention's block mask) rather than attending to the whole row under a dense
+        block-diagonal mask (SDPA, eager), which costs more than the padding it saves: measured on the CPU,
+        packed rows were slower and took more memory than padded batches (``benchmarks/sft_throughput.py``)."""
+        base = self._hf_model()
+        implementation = str(getattr(getattr(base, "config", None), "_attn_implementation", None) or "")
+        return "flash" in implementation or implementation == "flex_attention"
+
     def supports_packing(self) -> bool:
-        """Whether packed batches (several conversations per row, restarting position ids) train exactly
-        like padded ones with this model; :class:`~lightning_ft.ChatDataModule` packs by default when so.
-        Measured once with :func:`packing_is_exact` (prompt-learning adapters never pack)."""
+        """Whether :class:`~lightning_ft.ChatDataModule` should pack batches (several conversations per row,
+        restarting position ids) when ``packing`` is ``auto``: the attention :meth:`packs_natively`, and
+        packed logits equal unpacked ones, measured once with :func:`packing_is_exact` (prompt-learning
+        adapters never pack). ``packing: true`` packs without asking."""
+        return self.model is not None and self.packs_natively() and self.packing_is_exact()
+
+    def packing_is_exact(self) -> bool:
+        """Whether packed batches train exactly like padded ones with this model (measured once; warns if not)."""
         if self._packing_exact is None:
             if self.model is None:
                 return False
@@ -227,7 +247,7 @@ class FineTuneModule(pl.LightningModule):
             return None
         if self._prompt_learning:
             return None  # prompt tuning prepends virtual tokens inside PeftModel.forward
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = self._hf_model()
         if getattr(base.config, "final_logit_softcapping", None):
             return None  # the head's output is transformed further in the model's own forward
         decoder, head = base.get_decoder(), base.get_output_embeddings()

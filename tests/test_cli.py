@@ -114,3 +114,10 @@ def test_ddp_on_two_cpu_processes_trains_and_exports_once(tiny_model_dir, tmp_pa
     import torch
 
     assert torch.load(versions[0] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_compile_overlay_sets_compile_and_half_checkpointing():
+    cli = main(["--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(ROOT / "configs/compile.yaml")],
+               run=False)
+    assert cli.model.hparams.compile is True and cli.model.hparams.gradient_checkpointing == 0.5
+    assert cli.datamodule.train_path.endswith("examples/triage/train.jsonl")  # the rest comes from quickstart

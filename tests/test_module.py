@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import pytorch_lightning as pl
 import torch
 from helpers import write_chat_file
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 from lightning_ft import ChatDataModule, FineTuneModule, FullFineTune, LoRA
 
@@ -86,8 +89,9 @@ def test_method_default_learning_rates_and_destructive_warning(tiny_model_dir):
 
 def test_invalid_settings_are_reported_together(tiny_model_dir):
     with pytest.raises(ValueError, match=r"learning_rate=-1 must be > 0; weight_decay=-0.1 must be >= 0; "
-                                         r"warmup_ratio=1.5 must be in \[0, 1\)"):
-        FineTuneModule(tiny_model_dir, learning_rate=-1, weight_decay=-0.1, warmup_ratio=1.5)
+                                         r"warmup_ratio=1.5 must be in \[0, 1\); gradient_checkpointing=2.0 "
+                                         r"must be true, false or a fraction of layers in \[0, 1\]"):
+        FineTuneModule(tiny_model_dir, learning_rate=-1, weight_decay=-0.1, warmup_ratio=1.5, gradient_checkpointing=2.0)
     with pytest.raises(ValueError, match=r"Invalid LoRA settings: r=0 must be >= 1; dropout=1.0 must be in \[0, 1\)"):
         LoRA(r=0, dropout=1.0)
 
@@ -199,3 +203,49 @@ def test_compiled_layers_give_the_same_loss_and_state_dict_keys(tiny_model_dir, 
         keys.append(sorted(module.state_dict()))
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     assert keys[0] == keys[1]
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_checkpointing_a_fraction_of_layers_recomputes_only_those_with_equal_gradients(tiny_model_dir, tmp_path, fraction):
+    data = ChatDataModule(write_chat_file(tmp_path / "c.jsonl", 4), tokenizer=tiny_model_dir, batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    results = []
+    for checkpointing in (False, fraction):
+        torch.manual_seed(0)  # the same LoRA initialisation both times
+        module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4, dropout=0.0), gradient_checkpointing=checkpointing)
+        module.configure_model()
+        for name, param in module.named_parameters():
+            if "lora_B" in name:  # non-zero B so every adapter gets a gradient
+                torch.nn.init.normal_(param, std=0.02)
+        calls = []
+        index_of = {id(layer.mlp): i for i, layer in enumerate(module.model.get_base_model().model.layers)}
+        mlp_forward = LlamaMLP.forward
+
+        def counting_forward(mlp, x):  # module hooks do not run in the recompute, so count the forward itself
+            calls.append(index_of[id(mlp)])
+            return mlp_forward(mlp, x)
+
+        with mock.patch.object(LlamaMLP, "forward", counting_forward):
+            loss_sum, count, _ = module._loss_sum(batch)
+            (loss_sum / count).backward()
+        grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        results.append((loss_sum.detach(), grads, sorted(calls)))
+    (plain_loss, plain_grads, plain_calls), (loss, grads, calls) = results
+    assert plain_calls == [0, 1]
+    assert calls == ([0, 0, 1, 1] if fraction == 1 else [0, 0, 1])  # a checkpointed layer runs again in backward
+    torch.testing.assert_close(loss, plain_loss)
+    assert grads.keys() == plain_grads.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 linears in 2 layers
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_checkpointed_layers_spread_evenly():
+    from lightning_ft.models import checkpointed_layers
+
+    assert checkpointed_layers(30, 0.5) == list(range(0, 30, 2))
+    assert checkpointed_layers(30, 1 / 3) == list(range(0, 30, 3))
+    assert len(checkpointed_layers(30, 0.8)) == 24 and checkpointed_layers(4, 1.0) == [0, 1, 2, 3]
+    assert checkpointed_layers(2, 0.01) == [0]
+    with pytest.raises(ValueError, match="fraction of layers in \\(0, 1\\], got 1.5"):
+        checkpointed_layers(2, 1.5)

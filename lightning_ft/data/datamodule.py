@@ -112,8 +112,10 @@ class ChatDataModule(LightningDataModule):
         packing: Pack each batch's conversations into as few rows of ``max_length`` tokens as fit, with
             position ids restarting per conversation and attention kept inside each (no padding compute;
             the same conversations per step and the same loss as padded batches). ``auto`` packs when the
-            LightningModule's ``supports_packing()`` says the model keeps packed conversations apart
-            (:class:`~lightning_ft.FineTuneModule` measures it once); other modules get padded batches.
+            LightningModule's ``supports_packing()`` says so: :class:`~lightning_ft.FineTuneModule` packs
+            when the model's attention takes packed rows natively (flash attention) and keeps packed
+            conversations apart (measured once), and pads with SDPA or eager attention, where a packed row
+            is attended densely and measured slower. Other modules get padded batches.
         group_by_length: Without packing, batch conversations of similar length together (seeded: sorted
             within windows of 50 batches, then the batches shuffled), so less of each batch is padding.
         encode_cache: Keep encoded conversations on disk (``$LIGHTNING_FT_CACHE/encoded``), keyed by their

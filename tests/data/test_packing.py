@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -104,27 +106,42 @@ class _LeakyLM(torch.nn.Module):
 def test_packing_probe_accepts_llama_and_refuses_a_model_that_mixes_rows(tiny_model_dir):
     module = FineTuneModule(tiny_model_dir)
     module.configure_model()
-    assert packing_is_exact(module.model) and module.supports_packing()
+    assert packing_is_exact(module.model) and module.packing_is_exact()
     assert module.model.training  # the probe restores train mode
     assert not packing_is_exact(_LeakyLM())
 
 
-def test_fit_packs_by_default_and_pads_when_told(tiny_model_dir, tmp_path):
+def test_auto_packs_only_where_attention_takes_packed_rows_natively(tiny_model_dir):
+    module = FineTuneModule(tiny_model_dir)
+    module.configure_model()
+    config = module.model.get_base_model().config
+    assert config._attn_implementation == "sdpa" and not module.packs_natively() and not module.supports_packing()
+    assert module.packing_is_exact()  # measured under sdpa; the kernels below are not installed here
+    for implementation, native in (("flash_attention_2", True), ("kernels-community/flash-attn3", True),
+                                   ("flex_attention", True), ("eager", False)):
+        with mock.patch.object(type(config), "_attn_implementation", new_callable=mock.PropertyMock,
+                               return_value=implementation):
+            assert module.packs_natively() == module.supports_packing() == native
+
+
+def test_fit_auto_pads_on_sdpa_packs_when_told_or_native(tiny_model_dir, tmp_path):
     seen = {}
 
     class Spy(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.setdefault(trainer.datamodule.packing, []).append(batch)
+            seen.setdefault(name, []).append(batch)
 
-    for packing in ("auto", False):
+    for name, packing, native in (("auto", "auto", False), ("native", "auto", True), ("true", True, False)):
         module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4))
         data = ChatDataModule(write_chat_file(tmp_path / "p.jsonl", 8), tokenizer=tiny_model_dir, batch_size=4,
                               packing=packing)
-        pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()]).fit(module, data)
-    assert all("position_ids" in b and "attention_mask" not in b for b in seen["auto"])
-    assert all(b["input_ids"].shape[0] < 4 for b in seen["auto"])
-    assert all("attention_mask" in b and b["input_ids"].shape[0] == 4 for b in seen[False])
+        with mock.patch.object(FineTuneModule, "packs_natively", return_value=native):
+            pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()]).fit(module, data)
+    for name in ("native", "true"):
+        assert all("position_ids" in b and "attention_mask" not in b for b in seen[name])
+        assert all(b["input_ids"].shape[0] < 4 for b in seen[name])
+    assert all("attention_mask" in b and b["input_ids"].shape[0] == 4 for b in seen["auto"])
 
 
 def test_length_grouped_batches_hold_similar_lengths():
