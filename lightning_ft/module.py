@@ -66,6 +66,9 @@ class FineTuneModule(pl.LightningModule):
         min_lr_ratio: Floor of the decay as a fraction of the peak learning rate.
         chat_template: A Jinja chat template replacing the tokenizer's own (keep it equal to the data's).
         dtype: Dtype the weights are loaded in; mixed precision is the Trainer's ``precision``.
+        attn_implementation: The model's attention kernel (``from_pretrained``'s ``attn_implementation``):
+            ``None`` lets transformers choose (SDPA); ``flash_attention_2`` on GPUs with ``flash-attn``
+            installed also makes ``data.packing: auto`` pack.
         gradient_checkpointing: Recompute activations in the backward pass to save memory: ``True`` for every
             decoder layer, or the fraction of layers to checkpoint, spread evenly (``0.5``: every other
             layer). Each checkpointed layer frees its saved activations and costs one more forward of that
@@ -96,6 +99,7 @@ class FineTuneModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         chat_template: str | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str | None = None,
         gradient_checkpointing: bool | float = False,
         trained_logits_only: bool = True,
         logits_chunk_size: int = 1024,
@@ -162,7 +166,10 @@ class FineTuneModule(pl.LightningModule):
         """Load the base model and attach the adapter (idempotent: Lightning may call it more than once)."""
         if self.model is not None:
             return
-        model = load_model(self.hparams.model_name, dtype=self.hparams.dtype, **self.adapter.load_kwargs())
+        kwargs = self.adapter.load_kwargs()
+        if self.hparams.attn_implementation:
+            kwargs["attn_implementation"] = self.hparams.attn_implementation
+        model = load_model(self.hparams.model_name, dtype=self.hparams.dtype, **kwargs)
         self.base_fingerprint = base_fingerprint(model)
         if self.hparams.gradient_checkpointing:
             enable_checkpointing(model, float(self.hparams.gradient_checkpointing))
@@ -172,8 +179,8 @@ class FineTuneModule(pl.LightningModule):
         if self.hparams.compile:
             self._compile_layers()
         if self.hparams.kl_beta > 0 and self.adapter.method == "full":
-            reference = load_model(self.hparams.model_name, dtype=self.hparams.dtype).eval().requires_grad_(False)
-            self._reference = [reference]
+            reference = load_model(self.hparams.model_name, dtype=self.hparams.dtype, **kwargs)
+            self._reference = [reference.eval().requires_grad_(False)]
 
     def _hf_model(self) -> torch.nn.Module:
         """The Hugging Face model inside the peft wrapper (or the model itself for full fine-tuning)."""

@@ -16,7 +16,6 @@ Logged under ``forgetting/`` (TensorBoard and every other logger, at the trainer
 from __future__ import annotations
 
 import random
-import time
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -24,6 +23,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_ft.callbacks.cost import CostMeter
 from lightning_ft.forgetting.benchmark import read_benchmark, stratified_sample
 from lightning_ft.forgetting.drift import read_prompts
 from lightning_ft.forgetting.lm_eval import require_lm_eval
@@ -142,8 +142,7 @@ class ForgettingCheck(pl.Callback):
         self.model_attr, self.tokenizer, self.summary = model_attr, tokenizer, summary
         #: Every check as ``{"step", "metrics", "ok", "seconds"}``; the first is the baseline.
         self.history: list[dict[str, Any]] = []
-        self._train_started: float | None = None
-        self._scoring_seconds = 0.0
+        self._cost = CostMeter()
 
     @property
     def baseline(self) -> dict[str, float] | None:
@@ -152,7 +151,7 @@ class ForgettingCheck(pl.Callback):
 
     # -- hooks ---------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._train_started, self._scoring_seconds = time.perf_counter(), 0.0
+        self._cost.start()
         model = self._model(pl_module)
         self.probe.prepare(self._tokenizer(pl_module))
         if self.history:  # resumed: the baseline came from the checkpoint and must not be re-measured
@@ -187,7 +186,7 @@ class ForgettingCheck(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.summary and self.history and trainer.is_global_zero:
-            print_summary(self.history, self.metric, self._time_share())
+            print_summary(self.history, self.metric, self._cost.share())
 
     # -- checking ------------------------------------------------------------------------------------
     def _model(self, pl_module: pl.LightningModule) -> torch.nn.Module:
@@ -213,15 +212,13 @@ class ForgettingCheck(pl.Callback):
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure, record, publish and act: on every rank, which all enter the same collectives."""
-        started = time.perf_counter()
-        with trainer.precision_plugin.forward_context():
+        with self._cost.timing() as timed, trainer.precision_plugin.forward_context():
             metrics = self.probe.measure(
                 self._model(pl_module), trainer.global_rank, trainer.world_size,
                 reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"),
                 broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0),
             )
-        seconds = time.perf_counter() - started
-        self._scoring_seconds += seconds
+        seconds = timed["seconds"]
         failures = self._failures(metrics) if self.history else []
         record = {"step": trainer.global_step, "metrics": metrics, "ok": not failures, "seconds": seconds}
         self.history.append(record)
@@ -247,11 +244,6 @@ class ForgettingCheck(pl.Callback):
             return metrics[self.metric] - (0.0 if record["ok"] else 2.0)
         return -metrics.get("kl", 0.0) - (0.0 if record["ok"] else 1.0)
 
-    def _time_share(self) -> float | None:
-        if self._train_started is None:
-            return None
-        return self._scoring_seconds / max(time.perf_counter() - self._train_started, 1e-9)
-
     def _publish(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
         """To every logger at the global step, and to ``callback_metrics`` for ModelCheckpoint/EarlyStopping."""
         values = {f"forgetting/{key}": value for key, value in record["metrics"].items()}
@@ -261,7 +253,7 @@ class ForgettingCheck(pl.Callback):
         values.update({"forgetting/ok": float(record["ok"]), "forgetting/score": self._score(record),
                        "forgetting/seconds": record["seconds"]})
         if len(self.history) > 1:
-            values["forgetting/time_share"] = self._time_share()
+            values["forgetting/time_share"] = self._cost.share()
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in values.items()})
@@ -275,7 +267,7 @@ class ForgettingCheck(pl.Callback):
                 parts.append(f"{key} {metrics[key]:.3f} ({metrics[key] - self.baseline[key]:+.3f})")
         if "kl" in metrics:
             parts.append(f"KL {metrics['kl']:.4g}")
-        share = f", {self._time_share():.1%} of wall time so far" if len(self.history) > 1 else ""
+        share = f", {self._cost.share():.1%} of wall time so far" if len(self.history) > 1 else ""
         label = "baseline" if len(self.history) == 1 else "check"
         rank_zero_info(f"Forgetting {label} at step {record['step']}: {', '.join(parts)}; "
                        f"{record['seconds']:.1f} s{share}")

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_ft.callbacks.cost import CostMeter
 from lightning_ft.data.formats import read_conversations
 from lightning_ft.generation import generate
 
@@ -160,8 +161,9 @@ class TaskEval(pl.Callback):
     At the start of ``fit`` the base model (adapter disabled; optionally with ``baseline_system_prompt``,
     for the prompt-only success rate) answers every held-out prompt; after each ``every_n_validations``-th
     validation the model being trained does. Logs ``<name>/success_rate`` and ``<name>/success_delta``
-    (versus the base model), a markdown table of sample generations to TensorBoard as text, and prints the
-    base model versus the final model at the end. Cost is bounded by ``max_items`` x ``max_new_tokens``.
+    (versus the base model), ``<name>/seconds`` and ``<name>/time_share`` (of the wall time since fit
+    started), a markdown table of sample generations to TensorBoard as text, and prints the base model
+    versus the final model at the end. Cost is bounded by ``max_items`` x ``max_new_tokens``.
 
     Example::
 
@@ -235,6 +237,7 @@ class TaskEval(pl.Callback):
         self.baseline: float | None = None
         self.history: list[dict[str, float]] = []
         self._validations = 0
+        self._cost, self._seconds = CostMeter(), 0.0
 
     @staticmethod
     def _compile(pattern: str, problems: list[str]) -> re.Pattern | None:
@@ -309,11 +312,12 @@ class TaskEval(pl.Callback):
         mine = self.items[trainer.global_rank::trainer.world_size]
         # LoRA & co.: the base model is the model with its adapter switched off.
         off = model.disable_adapter() if baseline and hasattr(model, "disable_adapter") else nullcontext()
-        with off:
+        with self._cost.timing() as timed, off:
             outputs = generate(model, tokenizer, [self._prompt(item, baseline) for item in mine],
                                self.max_new_tokens, self.batch_size, chat_template)
-        results = [score(out, item.reference, self.metric, self.pattern, self.schema_errors, self.match_keys)
-                   for out, item in zip(outputs, mine)]
+            results = [score(out, item.reference, self.metric, self.pattern, self.schema_errors, self.match_keys)
+                       for out, item in zip(outputs, mine)]
+        self._seconds = timed["seconds"]
         totals = torch.tensor([sum(ok for ok, _ in results), len(mine)], dtype=torch.float64, device=pl_module.device)
         totals = trainer.strategy.reduce(totals, reduce_op="sum")
         rate = float(totals[0] / totals[1].clamp(min=1))
@@ -340,7 +344,11 @@ class TaskEval(pl.Callback):
                 logger.experiment.add_text(tag, "\n".join(lines), trainer.global_step)
 
     def _metrics(self, rate: float) -> dict[str, float]:
-        return {f"{self.name}/success_rate": rate, f"{self.name}/success_delta": rate - (self.baseline or 0.0)}
+        metrics = {f"{self.name}/success_rate": rate, f"{self.name}/success_delta": rate - (self.baseline or 0.0),
+                   f"{self.name}/seconds": self._seconds}
+        if self.history and self._cost.share() is not None:  # not at the baseline, which is all of the time so far
+            metrics[f"{self.name}/time_share"] = self._cost.share()
+        return metrics
 
     def _log_outside_loop(self, trainer: pl.Trainer, rate: float) -> None:
         # on_fit_start/on_fit_end cannot use LightningModule.log: write to the loggers and callback_metrics directly.
@@ -352,6 +360,7 @@ class TaskEval(pl.Callback):
 
     # -- hooks --------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._cost.start()
         if self.baseline is not None:  # restored from a checkpoint
             return
         self.baseline = self.measure(trainer, pl_module, baseline=True)
@@ -386,7 +395,10 @@ class TaskEval(pl.Callback):
         from rich.table import Table
 
         total = len(self.items)
-        table = Table(title=f"TaskEval {self.name}", caption=f"metric={self.metric}, {total} items of {self.data_path}")
+        share = self._cost.share()
+        caption = f"metric={self.metric}, {total} items of {self.data_path}" + (
+            f"; generating took {share:.1%} of the run's wall time" if share is not None else "")
+        table = Table(title=f"TaskEval {self.name}", caption=caption)
         for column, justify in (("model", "left"), ("success", "right"), ("solved", "right")):
             table.add_column(column, justify=justify)
         prompt = " + baseline_system_prompt" if self.baseline_system_prompt else ""

@@ -122,6 +122,9 @@ def test_auto_packs_only_where_attention_takes_packed_rows_natively(tiny_model_d
         with mock.patch.object(type(config), "_attn_implementation", new_callable=mock.PropertyMock,
                                return_value=implementation):
             assert module.packs_natively() == module.supports_packing() == native
+    eager = FineTuneModule(tiny_model_dir, attn_implementation="eager")
+    eager.configure_model()
+    assert eager.model.get_base_model().config._attn_implementation == "eager" and not eager.packs_natively()
 
 
 def test_fit_auto_pads_on_sdpa_packs_when_told_or_native(tiny_model_dir, tmp_path):

@@ -127,7 +127,7 @@ def test_end_of_fit_summary_table(tiny_model_dir, tmp_path, capsys):
     for row in ("acc", "acc_norm", "kl", "subject/geography/acc", "subject/arithmetic/acc"):
         assert f" {row} " in out
     assert "2 checks" in out and "of training wall time" in out and "thresholds crossed at step 1" in out
-    assert math.isfinite(callback._time_share())
+    assert math.isfinite(callback._cost.share())
 
 
 def test_user_lightning_module_with_model_attr_and_tokenizer_spec(tiny_model_dir, tmp_path):

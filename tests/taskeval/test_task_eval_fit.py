@@ -80,6 +80,8 @@ def test_rates_are_logged_and_samples_go_to_tensorboard(fitted):
     trainer, callback = fitted["trainer"], fitted["callback"]
     assert float(trainer.callback_metrics["task/success_rate"]) == callback.history[-1]["success_rate"]
     assert "task/success_delta" in trainer.callback_metrics
+    assert 0.0 < float(trainer.callback_metrics["task/time_share"]) < 1.0  # the cost, against the run's wall time
+    assert float(trainer.callback_metrics["task/seconds"]) > 0.0
     events = EventAccumulator(str(fitted["log_dir"])).Reload()
     steps = [event.step for event in events.Scalars("task/success_rate")]
     assert steps[0] == 0 and len(steps) == 3
@@ -92,6 +94,7 @@ def test_summary_table_prints_baseline_and_final(fitted, capsys):
     fitted["callback"].print_summary()
     out = capsys.readouterr().out
     assert "base model + baseline_system_prompt" in out and "fine-tuned (step 4)" in out and "points" in out
+    assert "of the run's wall time" in out
 
 
 def test_checkpoint_holds_state_and_resume_does_not_remeasure_the_baseline(fitted, tiny_model_dir, tmp_path):
