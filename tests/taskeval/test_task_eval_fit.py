@@ -85,6 +85,7 @@ def test_rates_are_logged_and_samples_go_to_tensorboard(fitted):
     events = EventAccumulator(str(fitted["log_dir"])).Reload()
     steps = [event.step for event in events.Scalars("task/success_rate")]
     assert steps[0] == 0 and len(steps) == 3
+    assert [event.step for event in events.Scalars("task/time_share")] == steps[1:]  # no share at the baseline
     assert {"task/samples/text_summary", "task/samples_baseline/text_summary"} <= set(events.Tags()["tensors"])
     text = events.Tensors("task/samples/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert "| ok | prompt | reference | output |" in text and "What is 100 plus one?" in text
