@@ -113,7 +113,7 @@ class ChatDataModule(LightningDataModule):
             position ids restarting per conversation and attention kept inside each (no padding compute;
             the same conversations per step and the same loss as padded batches). ``auto`` packs when the
             LightningModule's ``supports_packing()`` says so: :class:`~lightning_ft.FineTuneModule` packs
-            when the model's attention takes packed rows natively (flash attention) and keeps packed
+            when the model's attention takes packed rows natively (flash or flex attention) and keeps packed
             conversations apart (measured once), and pads with SDPA or eager attention, where a packed row
             is attended densely and measured slower. Other modules get padded batches.
         group_by_length: Without packing, batch conversations of similar length together (seeded: sorted
