@@ -174,6 +174,11 @@ def base_fingerprint(model: Any) -> str:
     return digest.hexdigest()[:16]
 
 
+def unwrap_peft(model: Any) -> Any:
+    """The Hugging Face model inside a peft wrapper, or ``model`` itself when it is not wrapped."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model: Any, needed_by: str) -> torch.nn.ModuleList:
     """The repeated decoder blocks of a Hugging Face causal LM (``get_decoder().layers``)."""
     layers = getattr(model.get_decoder(), "layers", None)

@@ -20,7 +20,7 @@ from lightning_ft.export import atomic_directory
 from lightning_ft.adapters import FullFineTune, LoRA, PeftAdapter, QLoRA
 from lightning_ft.losses import chunk_cross_entropy, chunk_kl, chunked_sum, kl_sum, packing_is_exact
 from lightning_ft.models import (DEFAULT_MODEL, base_fingerprint, decoder_layers, enable_checkpointing, load_model,
-                                 load_tokenizer)
+                                 load_tokenizer, unwrap_peft)
 from lightning_ft.schedules import DecayName, lr_lambda, warmup_steps_for
 
 IGNORE_INDEX = -100
@@ -182,12 +182,8 @@ class FineTuneModule(pl.LightningModule):
             reference = load_model(self.hparams.model_name, dtype=self.hparams.dtype, **kwargs)
             self._reference = [reference.eval().requires_grad_(False)]
 
-    def _hf_model(self) -> torch.nn.Module:
-        """The Hugging Face model inside the peft wrapper (or the model itself for full fine-tuning)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
     def _compile_layers(self) -> None:
-        base = self._hf_model()
+        base = unwrap_peft(self.model)
         for layer in decoder_layers(base, "compile=True"):
             layer.compile()  # per layer and in place: one small graph reused by every layer, same state dict keys
 
@@ -225,7 +221,7 @@ class FineTuneModule(pl.LightningModule):
         kernels, flex attention's block mask) rather than attending to the whole row under a dense
         block-diagonal mask (SDPA, eager), which costs more than the padding it saves: measured on the CPU,
         packed rows were slower and took more memory than padded batches (``benchmarks/sft_throughput.py``)."""
-        base = self._hf_model()
+        base = unwrap_peft(self.model)
         implementation = str(getattr(getattr(base, "config", None), "_attn_implementation", None) or "")
         return "flash" in implementation or implementation == "flex_attention"
 
@@ -254,7 +250,7 @@ class FineTuneModule(pl.LightningModule):
             return None
         if self._prompt_learning:
             return None  # prompt tuning prepends virtual tokens inside PeftModel.forward
-        base = self._hf_model()
+        base = unwrap_peft(self.model)
         if getattr(base.config, "final_logit_softcapping", None):
             return None  # the head's output is transformed further in the model's own forward
         decoder, head = base.get_decoder(), base.get_output_embeddings()
@@ -292,7 +288,7 @@ class FineTuneModule(pl.LightningModule):
         if not with_kl:
             return loss_sum, trained.sum(), None
         with torch.no_grad(), self.base_model() as base:
-            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            base = unwrap_peft(base)
             base_hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][real]
             base_head = base.get_output_embeddings()
             base_head = getattr(base_head, "base_layer", base_head)  # a LoRA-wrapped head's frozen weight
