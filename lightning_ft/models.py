@@ -197,10 +197,11 @@ def checkpointed_layers(count: int, fraction: float) -> list[int]:
     return sorted({int(i * count / chosen) for i in range(chosen)})
 
 
-def enable_checkpointing(model: Any, fraction: float = 1.0) -> list[int]:
-    """Turn on gradient checkpointing (non-reentrant) for ``fraction`` of the decoder layers; returns their
-    indices. Uses the model's own checkpointing, then switches it off again on the layers not chosen, which
-    keep their activations: every checkpointed layer frees its saved activations and costs a second forward.
+def enable_checkpointing(model: Any, fraction: float = 1.0) -> None:
+    """Turn on gradient checkpointing (non-reentrant) for ``fraction`` of the decoder layers (see
+    :func:`checkpointed_layers`). Uses the model's own checkpointing, then switches it off again on the layers
+    not chosen, which keep their activations: every checkpointed layer frees its saved activations and costs
+    a second forward.
     """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it
@@ -209,11 +210,10 @@ def enable_checkpointing(model: Any, fraction: float = 1.0) -> list[int]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()  # LoRA freezes the embeddings, which would cut the graph
     if fraction == 1:
-        return list(range(len(getattr(model.get_decoder(), "layers", ()))))
+        return
     layers = decoder_layers(model, "A fraction of gradient_checkpointing")
     chosen = checkpointed_layers(len(layers), fraction)
     for index, layer in enumerate(layers):
         if not hasattr(layer, "gradient_checkpointing"):
             raise ValueError(f"{type(layer).__name__} does not checkpoint per layer: use gradient_checkpointing: true")
         layer.gradient_checkpointing = index in chosen
-    return chosen

@@ -346,8 +346,9 @@ class TaskEval(pl.Callback):
     def _metrics(self, rate: float) -> dict[str, float]:
         metrics = {f"{self.name}/success_rate": rate, f"{self.name}/success_delta": rate - (self.baseline or 0.0),
                    f"{self.name}/seconds": self._seconds}
-        if self.history and self._cost.share() is not None:  # not at the baseline, which is all of the time so far
-            metrics[f"{self.name}/time_share"] = self._cost.share()
+        share = self._cost.share()
+        if self.history and share is not None:  # not at the baseline, which is all of the time so far
+            metrics[f"{self.name}/time_share"] = share
         return metrics
 
     def _log_outside_loop(self, trainer: pl.Trainer, rate: float) -> None:
