@@ -41,13 +41,18 @@ LIGHTNING_FT = {
     "lightning_ft_checkpointing": {"gradient_checkpointing": True},
     "lightning_ft_compile": {"compile": True},
     "lightning_ft_compile_half_checkpointing": {"compile": True, "gradient_checkpointing": 0.5},
+    # GPU only (benchmarks/gpu_check.sh):
+    "lightning_ft_flash": {"attn_implementation": "flash_attention_2"},
+    "lightning_ft_qlora": {"qlora": True},
+    "lightning_ft_fsdp": {"strategy": "fsdp"},
 }
 CONTENDERS = (*LIGHTNING_FT, "trl", "trl_no_checkpointing", "trl_padding_free", "trl_padding_free_no_checkpointing",
-              "trl_padding_free_compile", "trl_packing", "plain_peft")
+              "trl_padding_free_compile", "trl_padding_free_flash", "trl_packing", "plain_peft")
 #: Run when --only is not given: our defaults, each batching mode, and TRL's padding-free runs.
 DEFAULT_CONTENDERS = ("lightning_ft", "lightning_ft_padded", "lightning_ft_grouped", "lightning_ft_packed",
                       "trl_padding_free", "trl_padding_free_no_checkpointing")
 DATA_KEYS = ("packing", "group_by_length")
+TRAINER_KEYS = ("strategy", "qlora")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
@@ -95,9 +100,18 @@ class Meter:
         self.pending = (real, int((labels[:, 1:] != -100).sum()))
 
     def begin(self) -> None:
+        self._sync()
         self.started = time.perf_counter()
 
+    @staticmethod
+    def _sync() -> None:
+        import torch
+
+        if torch.cuda.is_available():  # time the GPU's work, not the queueing of it
+            torch.cuda.synchronize()
+
     def end(self) -> None:
+        self._sync()
         if self.step < self.warmup:
             self.warmup_seconds += time.perf_counter() - self.started
         else:
@@ -139,10 +153,11 @@ def run_lightning_ft(args, contender: str) -> dict:
     import pytorch_lightning as pl
     from step_profile import StepProfile
 
-    from lightning_ft import ChatDataModule, FineTuneModule, LoRA
+    from lightning_ft import ChatDataModule, FineTuneModule, LoRA, QLoRA
 
     settings = dict(LIGHTNING_FT[contender])
     data_settings = {key: settings.pop(key) for key in DATA_KEYS if key in settings}
+    special = {key: settings.pop(key) for key in TRAINER_KEYS if key in settings}
     meter = Meter(args.warmup)
 
     class Timing(pl.Callback):
@@ -153,12 +168,19 @@ def run_lightning_ft(args, contender: str) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             meter.end()
 
-    module = FineTuneModule(adapter=LoRA(r=16, alpha=32, dropout=0.0), **settings)
+    adapter = (QLoRA if special.get("qlora") else LoRA)(r=16, alpha=32, dropout=0.0)
+    module = FineTuneModule(adapter=adapter, **settings)
+    strategy = "auto"
+    if special.get("strategy") == "fsdp":  # one GPU: FSDP's code path (sharding units, flat parameters) at world size 1
+        from pytorch_lightning.strategies import FSDPStrategy
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=True)
     data = ChatDataModule(str(data_path(args)), tokenizer=module.hparams.model_name, batch_size=args.batch_size,
                           max_length=args.max_length, encode_cache=False, **data_settings)
     callbacks = [Timing()] + ([StepProfile(args.warmup)] if args.profile else [])
     trainer = pl.Trainer(max_steps=args.warmup + args.steps, precision=args.precision, logger=False,
-                         accelerator=args.device,
+                         accelerator=args.device, devices=1, strategy=strategy,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=callbacks)
     trainer.fit(module, data)
@@ -192,7 +214,8 @@ def run_trl(args, variant: str) -> dict:
         dataloader_num_workers=0, seed=42,
     )
     tokenizer = load_tokenizer(DEFAULT_MODEL)
-    trainer = SFTTrainer(model=load_model(DEFAULT_MODEL), args=config, train_dataset=Dataset.from_list(rows),
+    attention = {"attn_implementation": "flash_attention_2"} if variant.endswith("_flash") else {}
+    trainer = SFTTrainer(model=load_model(DEFAULT_MODEL, **attention), args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
     collate = trainer.data_collator
 

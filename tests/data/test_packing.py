@@ -50,9 +50,11 @@ def _per_token_losses(model, batch, spans):
     return out
 
 
-def test_packed_per_token_loss_equals_unpacked(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["dense-mask", "per-sequence-sdpa"])
+def test_packed_per_token_loss_equals_unpacked(tiny_model_dir, tmp_path, per_sequence):
     module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4, dropout=0.0))
     module.configure_model()
+    assert module.supports_packing() if per_sequence else not module.packs_natively()
     module.model.eval()
     data = ChatDataModule(write_chat_file(tmp_path / "t.jsonl", 6), tokenizer=tiny_model_dir, batch_size=6,
                           system_prompt="Be brief.")
@@ -60,7 +62,9 @@ def test_packed_per_token_loss_equals_unpacked(tiny_model_dir, tmp_path):
     examples = data.train_examples[:6]
     examples[1] = {key: values[:-3] for key, values in examples[1].items()}  # varied lengths
     padded = collate(examples, pad_token_id=0)
-    packed = collate_packed(examples, pad_token_id=0, max_length=2 * max(len(e["input_ids"]) for e in examples))
+    longest = max(len(e["input_ids"]) for e in examples)
+    # per-sequence attention packs the whole batch into one row; the dense mask rows of twice the longest
+    packed = collate_packed(examples, pad_token_id=0, max_length=6 * longest if per_sequence else 2 * longest)
     assert packed["input_ids"].shape[0] < len(examples)
     rows = pack_rows([len(e["input_ids"]) for e in examples], packed["input_ids"].shape[1])
     packed_spans = {}
