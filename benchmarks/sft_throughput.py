@@ -112,10 +112,12 @@ class Meter:
 
     def end(self) -> None:
         self._sync()
+        elapsed = time.perf_counter() - self.started
+        print(f"step {self.step}: {elapsed:.1f} s, {self.pending[0]} tokens", file=sys.stderr, flush=True)
         if self.step < self.warmup:
-            self.warmup_seconds += time.perf_counter() - self.started
+            self.warmup_seconds += elapsed
         else:
-            self.seconds += time.perf_counter() - self.started
+            self.seconds += elapsed
             self.tokens += self.pending[0]
             self.trained += self.pending[1]
         self.step += 1
@@ -177,7 +179,7 @@ def run_lightning_ft(args, contender: str) -> dict:
 
         strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=True)
     data = ChatDataModule(str(data_path(args)), tokenizer=module.hparams.model_name, batch_size=args.batch_size,
-                          max_length=args.max_length, encode_cache=False, **data_settings)
+                          max_length=args.max_length, encode_cache=False, checks="off", **data_settings)
     callbacks = [Timing()] + ([StepProfile(args.warmup)] if args.profile else [])
     trainer = pl.Trainer(max_steps=args.warmup + args.steps, precision=args.precision, logger=False,
                          accelerator=args.device, devices=1, strategy=strategy,
@@ -312,10 +314,14 @@ def run_child(args, name: str, data: str, precision: str) -> dict | None:
     command = [sys.executable, __file__, "--child", "--only", name, "--steps", str(args.steps), "--warmup",
                str(args.warmup), "--batch_size", str(args.batch_size), "--max_length", str(args.max_length),
                "--workdir", args.workdir, "--data", data, "--precision", precision, "--device", args.device]
-    done = subprocess.run(command + (["--profile"] if args.profile else []), capture_output=True, text=True)
+    log = Path(args.workdir) / f"{data}_{precision}_{name}.log"  # the child's stderr, step times included
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as stderr:
+        done = subprocess.run(command + (["--profile"] if args.profile else []), stdout=subprocess.PIPE,
+                              stderr=stderr, text=True)
     found = [line[7:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not found:
-        print(f"{name}: failed (exit {done.returncode})\n{done.stderr[-2000:]}", flush=True)
+        print(f"{name}: failed (exit {done.returncode})\n{log.read_text()[-2000:]}", flush=True)
         return None
     result = json.loads(found[0])
     print(f"{data}, {precision}, {name}: {result['tokens_per_s']:.1f} tokens/s, {result['peak_rss_gb']:.2f} GB",
