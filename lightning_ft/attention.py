@@ -65,9 +65,11 @@ def per_sequence_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     kwargs.pop("is_causal", None)
     rows = []
     for row, spans in enumerate(segments):
-        parts = [sdpa_attention_forward(module, query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
-                                        value[row:row + 1, :, start:end], None, dropout=dropout, scaling=scaling,
-                                        is_causal=True, **kwargs)[0] for start, end in spans]
+        sizes = [end - start for start, end in spans]
+        # One split per tensor (not a slice per sequence): its backward writes each gradient once.
+        pieces = zip(*(tensor[row:row + 1].split(sizes, dim=2) for tensor in (query, key, value)))
+        parts = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True,
+                                        **kwargs)[0] for q, k, v in pieces]
         rows.append(torch.cat(parts, dim=1))
     return torch.cat(rows, dim=0), None
 
