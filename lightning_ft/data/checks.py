@@ -24,12 +24,12 @@ from typing import Any, Literal
 
 from lightning_ft.data.collate import (
     EmptyLabelsError,
-    _render,
     count_trained,
     encode_conversation,
     truncate_example,
 )
 from lightning_ft.data.formats import ROLES, Conversation, DataProblem
+from lightning_ft.data.labels import TemplateRefusedError, render_text
 
 Severity = Literal["error", "warning", "info"]
 #: Similarity (Jaccard over word 3-grams) from which two conversations count as near-duplicates.
@@ -378,7 +378,11 @@ def role_token_counts(messages: Sequence[Mapping[str, Any]], tokenizer: Any,
     """Tokens each role takes in the rendered conversation, template tokens (headers, end-of-turn) included."""
     counts, previous = dict.fromkeys(ROLES, 0), 0
     for end in range(1, len(messages) + 1):
-        length = len(_render(tokenizer, messages[:end], chat_template, add_generation_prompt=False))
+        try:
+            text = render_text(tokenizer, messages[:end], chat_template)
+        except TemplateRefusedError:  # e.g. a template that needs an assistant last: the next prefix counts it
+            continue
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         counts[messages[end - 1]["role"]] += max(0, length - previous)
         previous = length
     return counts
