@@ -10,7 +10,7 @@ import copy
 
 import pytest
 
-from lightning_ft.data.collate import IGNORE_INDEX, EmptyLabelsError, encode_conversation
+from lightning_ft.data.collate import _WARNED, IGNORE_INDEX, EmptyLabelsError, encode_conversation
 from lightning_ft.data.labels import TemplateRefusedError
 
 CONVERSATION = [
@@ -94,6 +94,12 @@ LLAMA3_LIKE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def warn_afresh():
+    """Each warning is given once per template and process: let every test see its own."""
+    _WARNED.clear()
+
+
 def make_tokenizer(tiny_tokenizer, template: str, specials: list[str], eos: str | None = None,
                    bos: str | None = None):
     tokenizer = copy.deepcopy(tiny_tokenizer)
@@ -148,12 +154,19 @@ def test_marker_only_between_turns_trains_it_and_appends_eos_at_the_end(tiny_tok
               stop_tokens=["<|sep|>"])
 
 
+def test_without_the_models_stop_tokens_earlier_replies_train_without_one_and_say_so(tiny_tokenizer):
+    tokenizer = make_tokenizer(tiny_tokenizer, BETWEEN_TURNS, ["<|sep|>", "<|user|>", "<|assistant|>"])
+    with pytest.warns(UserWarning, match="after replies other than the last: those replies are trained without"):
+        check(tokenizer, CONVERSATION, ["It is 4.", "Six, of course!<|im_end|>"], appended_eos=True)
+
+
 def test_next_role_tag_is_the_stop_when_the_model_declares_it(tiny_tokenizer):
     tokenizer = make_tokenizer(tiny_tokenizer, ROLE_TAG_STOP, ["[gMASK]", "<|user|>", "<|assistant|>", "<|system|>"],
                                eos="<|endoftext|>")
     user_tag = tokenizer.convert_tokens_to_ids("<|user|>")
-    check(tokenizer, WITH_SYSTEM, ["It is 4.<|user|>", "Six, of course!<|endoftext|>"], appended_eos=True,
-          stop_tokens=[user_tag, tokenizer.eos_token_id])
+    with pytest.warns(UserWarning, match=r"an eos token \('<\|endoftext\|>'\) is appended"):
+        check(tokenizer, WITH_SYSTEM, ["It is 4.<|user|>", "Six, of course!<|endoftext|>"], appended_eos=True,
+              stop_tokens=[user_tag, tokenizer.eos_token_id])
 
 
 def test_header_written_after_the_last_reply_is_not_trained(tiny_tokenizer):
