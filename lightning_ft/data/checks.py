@@ -390,8 +390,12 @@ def role_token_counts(messages: Sequence[Mapping[str, Any]], tokenizer: Any,
 
 def token_checks(conversations: Sequence[Conversation], tokenizer: Any, max_length: int,
                  truncation: Literal["cut", "drop"] = "cut", chat_template: str | None = None,
+                 labelling: Mapping[str, Any] | None = None,
                  ) -> tuple[dict[str, Any], list[Finding], list[tuple[Conversation, dict[str, list[int]]]]]:
     """Count turns and tokens per role, trained tokens and truncation losses with the model's chat template.
+
+    ``labelling`` holds the label settings of :func:`~lightning_ft.data.collate.encode_conversation`
+    (``stop_tokens``, ``masking``, ``train_reasoning``), as the data module passes them.
 
     Returns:
         The counts, findings (``truncated`` warnings, errors for conversations that would train nothing or
@@ -400,7 +404,8 @@ def token_checks(conversations: Sequence[Conversation], tokenizer: Any, max_leng
     stats, findings, kept_examples = _empty_stats(), [], []
     for conversation in conversations:
         try:
-            example = encode_conversation(conversation.messages, tokenizer, chat_template=chat_template)
+            example = encode_conversation(conversation.messages, tokenizer, chat_template=chat_template,
+                                          **(labelling or {}))
             roles = role_token_counts(conversation.messages, tokenizer, chat_template)
         except EmptyLabelsError as error:
             findings.append(Finding("error", "no-trained-tokens", conversation.source, str(error)))
