@@ -38,10 +38,16 @@ class TemplateTraits:
         generation_prompt: The text ``add_generation_prompt=True`` appends (the assistant header), or
             ``None`` when the template writes none or could not be rendered.
         end_marker: The end-of-turn text after a reply (whitespace stripped), ``""`` when it writes none.
+        user_header: The text right before a later user turn's content (``""`` when unknown).
+        reply_preamble: The text between a user turn's content and the reply, the same in every turn.
+        system_first: Whether a system message is rendered before the first user turn.
     """
 
     generation_prompt: str | None
     end_marker: str
+    user_header: str = ""
+    reply_preamble: str = ""
+    system_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,14 +85,59 @@ def render_text(tokenizer: Any, messages: Sequence[Mapping[str, Any]], chat_temp
                                    "set `data.chat_template` to a template that accepts it") from error
 
 
-def _common_token_prefix(tokenizer: Any, first: str, second: str) -> str:
+def _common_token_prefix(tokenizer: Any, first: str, second: str, reverse: bool = False) -> str:
     # Token level, so "<|end|>\n<|user|>" and "<|end|>\n<|assistant|>" share "<|end|>\n", not "<|end|>\n<|".
     a = tokenizer(first, add_special_tokens=False)["input_ids"]
     b = tokenizer(second, add_special_tokens=False)["input_ids"]
+    if reverse:
+        a, b = a[::-1], b[::-1]
     common = 0
     while common < min(len(a), len(b)) and a[common] == b[common]:
         common += 1
-    return tokenizer.decode(a[:common]) if common else ""
+    return tokenizer.decode(a[:common][::-1] if reverse else a[:common]) if common else ""
+
+
+def _header_at(text: str, header: str | None) -> int:
+    """Where the longest leading part of the assistant header occurs in ``text`` (-1: nowhere).
+
+    A generation prompt may hold more than a finished turn (R1's or Nemotron's ``<think>``).
+    """
+    for size in range(len(header or ""), 2, -1):
+        found = text.find(header[:size])
+        if found >= 0 and header[:size].strip():
+            return found
+    return -1
+
+
+def _renders_system_first(tokenizer: Any, chat_template: str | None, conversation: list[dict[str, str]]) -> bool:
+    system = "qzsentsystem"
+    try:
+        text = render_text(tokenizer, [{"role": "system", "content": system}, *conversation], chat_template)
+    except TemplateRefusedError:
+        return False
+    return 0 <= text.find(system) < text.find(conversation[0]["content"])
+
+
+def _end_marker(tokenizer: Any, full: str, positions: list[int], header: str | None) -> tuple[str, str]:
+    """The end-of-turn text after a reply and the user header after it, from the sentinel render."""
+    after_mid = full[positions[1] + len(_SENTINELS[1]): positions[2]]
+    after_final = full[positions[3] + len(_SENTINELS[3]):]
+    user_header = _common_token_prefix(tokenizer, full[: positions[0]], after_mid, reverse=True)
+    # Most templates end every turn alike: the user's end marker is what precedes the assistant header.
+    between = full[positions[2] + len(_SENTINELS[2]): positions[3]]
+    cut = _header_at(between, header)
+    user_end = between[:cut].strip() if cut > 0 else ""
+    found = after_mid.find(user_end) if user_end else -1
+    if found >= 0:  # e.g. "<|im_end|>", or Command-R7B's "<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"
+        marker = after_mid[: found + len(user_end)].strip()
+    else:  # what follows every reply, the final one too, short of the next user turn's header
+        ending = after_mid[: len(after_mid) - len(user_header)]
+        marker = _common_token_prefix(tokenizer, ending, after_final).strip()
+    # The header proper starts after the previous turn's end marker (the suffix above may hold both).
+    for end in (marker, tokenizer.eos_token):
+        if end and end.strip() and end in user_header:
+            user_header = user_header[user_header.rindex(end) + len(end):]
+    return marker, user_header
 
 
 def _learn_traits(tokenizer: Any, chat_template: str | None) -> TemplateTraits:
@@ -103,18 +154,11 @@ def _learn_traits(tokenizer: Any, chat_template: str | None) -> TemplateTraits:
     if min(positions) < 0 or positions != sorted(positions):
         return TemplateTraits(None, "")
     header = prompt[len(bare):] if prompt.startswith(bare) and len(prompt) > len(bare) else None
-    after_mid = full[positions[1] + len(reply1): positions[2]]
-    after_final = full[positions[3] + len(reply2):]
-    # Most templates end every turn alike: the user's end marker is what precedes the assistant header.
-    between = full[positions[2] + len(user2): positions[3]]
-    cut = between.find(header) if header else -1
-    user_end = between[:cut].strip() if cut > 0 else ""
-    if user_end and after_mid.lstrip().startswith(user_end):
-        return TemplateTraits(header, user_end)
-    # Otherwise: what follows every reply, the final one too, short of the next user turn's header.
-    user_header = len(os.path.commonprefix([full[: positions[0]][::-1], after_mid[::-1]]))
-    ending = after_mid[: len(after_mid) - user_header]
-    return TemplateTraits(header, _common_token_prefix(tokenizer, ending, after_final).strip())
+    marker, user_header = _end_marker(tokenizer, full, positions, header)
+    preamble = os.path.commonprefix([full[positions[0] + len(user1): positions[1]],
+                                     full[positions[2] + len(user2): positions[3]]])
+    return TemplateTraits(header, marker, user_header, preamble,
+                          _renders_system_first(tokenizer, chat_template, conversation))
 
 
 def template_traits(tokenizer: Any, chat_template: str | None) -> TemplateTraits:
@@ -195,19 +239,24 @@ def locate_replies(text: str, messages: Sequence[Mapping[str, Any]], traits: Tem
     """
     opener = not (traits.generation_prompt or "").rstrip().endswith(THINK_OPEN)
     spans, cursor = [], 0
+    if messages and messages[0]["role"] == "system" and traits.system_first:
+        found = text.find(messages[0]["content"].strip())
+        cursor = found + len(messages[0]["content"].strip()) if found >= 0 else 0
     for index, message in enumerate(messages):
         if message["role"] == "user":
-            found = text.find(message["content"].strip(), cursor)
-            cursor = found + len(message["content"].strip()) if found >= 0 else cursor
+            found = _find_user(text, message["content"].strip(), cursor, traits)
+            cursor = cursor if found < 0 else found + len(message["content"].strip())
             continue
         if message["role"] != "assistant":
             continue  # a system prompt may be rendered anywhere (some templates fold it into the last user turn)
+        if traits.reply_preamble and text.startswith(traits.reply_preamble, cursor):
+            cursor += len(traits.reply_preamble)
         located = _locate_reply(text, message["content"], cursor, train_reasoning, opener)
         if located is None:
             continue
         start, end = located
         following = messages[index + 1]["content"].strip() if index + 1 < len(messages) else None
-        limit = text.find(following, end) if following else -1
+        limit = _find_user(text, following, end, traits) if following else -1
         limit = len(text) if limit < 0 else limit
         stop = _stop_end(text, end, limit, stops, traits.end_marker)
         if stop is None and following is None and not text[end:].strip():
@@ -217,3 +266,18 @@ def locate_replies(text: str, messages: Sequence[Mapping[str, Any]], traits: Tem
         spans.append(ReplySpan(index, start, stop_at, stopped))
         cursor = stop_at
     return spans
+
+
+def _find_user(text: str, content: str, cursor: int, traits: TemplateTraits) -> int:
+    """Where a user turn's content starts in ``text`` at or after ``cursor`` (-1 when it is not rendered).
+
+    The content preceded by the template's user header is preferred, so text that merely repeats it
+    earlier (a system prompt, a template's preamble) is skipped, unless an assistant turn lies in between.
+    """
+    plain = text.find(content, cursor)
+    if plain < 0:
+        return -1
+    headed = text.find(traits.user_header + content, cursor) if traits.user_header.strip() else -1
+    if headed >= 0 and not (traits.reply_preamble and traits.reply_preamble in text[plain:headed]):
+        return headed + len(traits.user_header)
+    return plain
