@@ -241,3 +241,24 @@ def test_reply_equal_to_the_system_prompt_is_found_in_its_own_turn(tiny_tokenize
     example = check(tiny_tokenizer, messages, ["It is 4.<|im_end|>", "Six, of course!<|im_end|>"])
     first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
     assert tiny_tokenizer.decode(example["input_ids"][:first]).endswith("What is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+# A fixed preamble that mentions words the conversation uses, before a ChatML body.
+PREAMBLE = (
+    "<|im_start|>system\nYou are an assistant. Answer yes or no to the user."
+    "{% if messages[0].role == 'system' %} {{ messages[0].content }}{% endif %}<|im_end|>\n"
+    "{% for m in messages if m.role != 'system' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [None, LLAMA3_LIKE, PREAMBLE], ids=["chatml", "llama3", "preamble"])
+def test_replies_that_repeat_header_words_the_preamble_or_the_system_prompt(tiny_tokenizer, template):
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tokenizer = make_tokenizer(tiny_tokenizer, template or tiny_tokenizer.chat_template, specials)
+    end = "<|eot_id|>" if template is LLAMA3_LIKE else "<|im_end|>"
+    messages = [{"role": "system", "content": "Say yes."}, {"role": "user", "content": "yes"},
+                {"role": "assistant", "content": "yes"}, {"role": "user", "content": "user"},
+                {"role": "assistant", "content": "assistant"}, {"role": "user", "content": "no"},
+                {"role": "assistant", "content": "Say yes."}]
+    check(tokenizer, messages, [f"yes{end}", f"assistant{end}", f"Say yes.{end}"])
