@@ -135,8 +135,8 @@ def _end_marker(tokenizer: Any, full: str, positions: list[int], header: str | N
         marker = _common_token_prefix(tokenizer, ending, after_final).strip()
     # The header proper starts after the previous turn's end marker (the suffix above may hold both).
     for end in (marker, tokenizer.eos_token):
-        if end and end.strip() and end in user_header:
-            user_header = user_header[user_header.rindex(end) + len(end):]
+        if end and end.strip() and end in after_mid:
+            return marker, after_mid[after_mid.index(end) + len(end):]
     return marker, user_header
 
 
@@ -175,7 +175,10 @@ def stop_texts(tokenizer: Any, stop_tokens: Sequence[int | str] | None) -> tuple
     """The text of every stop token: ``stop_tokens`` (ids or strings) plus the tokenizer's eos."""
     texts = [tokenizer.eos_token] if tokenizer.eos_token else []
     for token in stop_tokens or ():
-        texts.append(tokenizer.decode([token]) if isinstance(token, int) else token)
+        if isinstance(token, str):
+            texts.append(token)
+        elif 0 <= token < len(tokenizer):  # a generation config may name ids of another vocabulary
+            texts.append(tokenizer.decode([token]))
     return tuple(dict.fromkeys(text for text in texts if text and text.strip()))
 
 
