@@ -154,10 +154,17 @@ def test_marker_only_between_turns_trains_it_and_appends_eos_at_the_end(tiny_tok
               stop_tokens=["<|sep|>"])
 
 
-def test_without_the_models_stop_tokens_earlier_replies_train_without_one_and_say_so(tiny_tokenizer):
+def test_without_the_models_stop_tokens_the_special_token_opening_the_next_turn_is_the_stop(tiny_tokenizer):
     tokenizer = make_tokenizer(tiny_tokenizer, BETWEEN_TURNS, ["<|sep|>", "<|user|>", "<|assistant|>"])
+    check(tokenizer, CONVERSATION, ["It is 4.<|sep|>", "Six, of course!<|im_end|>"], appended_eos=True)
+    tokenizer = make_tokenizer(tiny_tokenizer, ROLE_TAG_STOP, ["[gMASK]", "<|user|>", "<|assistant|>", "<|system|>"])
+    check(tokenizer, CONVERSATION, ["It is 4.<|user|>", "Six, of course!<|im_end|>"], appended_eos=True)
+
+
+def test_plain_text_turns_train_earlier_replies_without_a_stop_and_say_so(tiny_tokenizer):
+    tokenizer = make_tokenizer(tiny_tokenizer, "{% for m in messages %}{{ m.role }}: {{ m.content }}\n\n{% endfor %}", [])
     with pytest.warns(UserWarning, match="after replies other than the last: those replies are trained without"):
-        check(tokenizer, CONVERSATION, ["It is 4.", "Six, of course!<|im_end|>"], appended_eos=True)
+        check(tokenizer, CONVERSATION, [" It is 4.", " Six, of course!\n\n<|im_end|>"], appended_eos=True)
 
 
 def test_next_role_tag_is_the_stop_when_the_model_declares_it(tiny_tokenizer):
