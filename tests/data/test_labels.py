@@ -269,3 +269,21 @@ def test_replies_that_repeat_header_words_the_preamble_or_the_system_prompt(tiny
                 {"role": "assistant", "content": "assistant"}, {"role": "user", "content": "no"},
                 {"role": "assistant", "content": "Say yes."}]
     check(tokenizer, messages, [f"yes{end}", f"assistant{end}", f"Say yes.{end}"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("template", "specials", "eos", "expected"), [
+    (LAST_MARKER_DIFFERS, ["<|start|>", "<|message|>", "<|end|>", "<|return|>"], "<|return|>",
+     ["It is 4.<|end|>", "Six, of course!<|return|>"]),
+    (REASONING_STRIPPED, ["<think>", "</think>"], None, ["It is 4.<|im_end|>", "Six, of course!<|im_end|>"]),
+    (EOS_AT_END, ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], "<|endoftext|>",
+     ["It is 4.<|end|>", "Six, of course!<|end|>"]),
+    (LLAMA2_LIKE, ["<s>", "</s>"], "</s>", [" It is 4. </s>", " Six, of course! </s>"]),
+], ids=["last-marker-differs", "reasoning-stripped", "eos-at-end", "llama2-like"])
+def test_real_default_tokenizer_with_our_templates(template, specials, eos, expected):
+    from lightning_ft.models import load_tokenizer
+
+    tokenizer = make_tokenizer(load_tokenizer("smollm2-135m-instruct"), template, specials, eos=eos,
+                               bos="<s>" if "<s>" in specials else None)
+    messages = WITH_SYSTEM if template is not LLAMA2_LIKE else CONVERSATION
+    check(tokenizer, messages, expected)
