@@ -7,6 +7,7 @@ from lightning_ft.data.collate import (
     collate,
     count_trained,
     encode_conversation,
+    mark_trained,
     truncate_example,
 )
 from lightning_ft.data.datamodule import ChatDataModule
@@ -21,6 +22,7 @@ from lightning_ft.data.formats import (
     read_conversations,
     scan_file,
 )
+from lightning_ft.data.labels import TemplateRefusedError
 
 __all__ = [
     "FORMATS",
@@ -33,10 +35,12 @@ __all__ = [
     "DataProblem",
     "EmptyLabelsError",
     "Message",
+    "TemplateRefusedError",
     "check_conversation",
     "collate",
     "count_trained",
     "encode_conversation",
+    "mark_trained",
     "read_conversations",
     "scan_file",
     "truncate_example",

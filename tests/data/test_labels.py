@@ -162,7 +162,8 @@ def test_without_the_models_stop_tokens_the_special_token_opening_the_next_turn_
 
 
 def test_plain_text_turns_train_earlier_replies_without_a_stop_and_say_so(tiny_tokenizer):
-    tokenizer = make_tokenizer(tiny_tokenizer, "{% for m in messages %}{{ m.role }}: {{ m.content }}\n\n{% endfor %}", [])
+    plain = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n\n{% endfor %}"
+    tokenizer = make_tokenizer(tiny_tokenizer, plain, [])
     with pytest.warns(UserWarning, match="after replies other than the last: those replies are trained without"):
         check(tokenizer, CONVERSATION, [" It is 4.", " Six, of course!\n\n<|im_end|>"], appended_eos=True)
 
@@ -247,7 +248,8 @@ def test_reply_equal_to_the_system_prompt_is_found_in_its_own_turn(tiny_tokenize
     messages = [{"role": "system", "content": "It is 4."}, *CONVERSATION]
     example = check(tiny_tokenizer, messages, ["It is 4.<|im_end|>", "Six, of course!<|im_end|>"])
     first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
-    assert tiny_tokenizer.decode(example["input_ids"][:first]).endswith("What is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    prompt = tiny_tokenizer.decode(example["input_ids"][:first])
+    assert prompt.endswith("What is 2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
 # A fixed preamble that mentions words the conversation uses, before a ChatML body.
