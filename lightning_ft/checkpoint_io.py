@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import pytorch_lightning as pl
@@ -10,7 +11,7 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from lightning_fabric.utilities.types import _PATH
 
-from lightning_ft.atomic import atomic_file, refuse_non_finite
+from lightning_ft.atomic import atomic_file, clean_stale_staging, refuse_non_finite
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -30,8 +31,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                            "optimizer_states": checkpoint.get("optimizer_states", [])}, f"checkpoint {path}")
         if "://" in str(path) or storage_options is not None:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with atomic_file(os.fspath(path)) as staging:
-            torch.save(checkpoint, staging)
+        try:
+            with atomic_file(os.fspath(path)) as staging:
+                torch.save(checkpoint, staging)
+        except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+            free = shutil.disk_usage(os.path.dirname(os.fspath(path)) or ".").free
+            raise OSError(f"Could not write checkpoint {path} ({str(error).splitlines()[0]}; {free / 2**20:.0f} MiB "
+                          "free there): nothing was written under that name and earlier checkpoints are kept. "
+                          "Free some space or set trainer.default_root_dir / checkpoint.dirpath elsewhere.") from error
+
+    def load_checkpoint(self, path: _PATH, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" not in str(path):
+            clean_stale_staging(os.path.dirname(os.fspath(path)) or ".")  # a write killed midway, beside it
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 def use_atomic_checkpoints(trainer: pl.Trainer) -> None:

@@ -306,7 +306,8 @@ class FineTuneModule(pl.LightningModule):
         loss = loss_sum.detach() / n_trained.clamp(min=1)
         self._window_trained += int(n_trained)
         n_tokens = _real_tokens(batch).sum()
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
+        if bool(torch.isfinite(loss)):  # a non-finite step is reported (and skipped) by NonFiniteGuard instead
+            self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
         if kl is not None:
             self.log("train/kl", kl.detach(), prog_bar=True, batch_size=int(n_trained))
             # Gradients are divided by the trained tokens later: scaling by them keeps beta a per-token weight.
