@@ -9,16 +9,19 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from lightning_ft.callbacks.export import SaveHFModel
+from lightning_ft.callbacks.nonfinite import NonFiniteGuard
 from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.module import FineTuneModule
+from lightning_ft.run_dir import claim_run_directories
 
 
 class FineTuneCLI(LightningCLI):
     """LightningCLI whose model and tokenizer settings flow into the datamodule through links.
 
     Always-on callbacks are configurable under their own keys: ``--checkpoint.*`` (ModelCheckpoint,
-    keeps ``last.ckpt``), ``--lr_monitor.*``, ``--progress_bar.*`` and ``--export.*`` (the Hugging
-    Face output written at the end of ``fit``).
+    keeps ``last.ckpt``), ``--lr_monitor.*``, ``--progress_bar.*``, ``--export.*`` (the Hugging
+    Face output written at the end of ``fit``) and ``--nan_guard.*`` (skips non-finite steps). ``fit``
+    claims its ``version_N`` log directory exclusively before writing anything.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -30,6 +33,10 @@ class FineTuneCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
         parser.add_lightning_class_args(SaveHFModel, "export")
+        parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+
+    def before_fit(self) -> None:
+        claim_run_directories(self.trainer)  # two fits started together must not share a version_N
 
 
 #: Subcommands beyond Lightning's fit/validate/test/predict: name -> function(argv) -> exit code.

@@ -209,6 +209,7 @@ class ChatDataModule(LightningDataModule):
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
         self.replay_examples: list[Example] = []
+        self._resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def scan(self) -> tuple[dict[str, list[Conversation]], list[DataProblem]]:
         """Read the files without raising on bad records: the good conversations per file and every problem.
@@ -447,15 +448,32 @@ class ChatDataModule(LightningDataModule):
         loader = self._loader(self.train_examples, shuffle=True, replay=self.replay_examples)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
-            # Loop progress is restored from the checkpoint before Lightning asks for the loader.
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            epoch, done = self._resume_position or (trainer.current_epoch,
+                                                    trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            self._resume_position = None
             if 0 < done < len(loader):
                 if trainer.world_size > 1:
                     rank_zero_warn("Resuming mid-epoch under a multi-process strategy restarts the epoch's data "
                                    "order from its beginning; single-process runs resume exactly.")
                 else:
-                    loader.sampler.resume_at(trainer.current_epoch, done * self.batch_size)
+                    loader.sampler.resume_at(epoch, done * self.batch_size)
         return loader
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the data: the epoch and the batches of it already trained on.
+
+        Saved with every checkpoint because Lightning may build the training loader before it restores its
+        loop progress (``configure_optimizers`` reading ``estimated_stepping_batches`` under ``max_epochs``),
+        while a datamodule's state is restored first.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        return {"epoch": trainer.current_epoch, "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in file order, or ``[]`` when there is no validation data."""
