@@ -1,5 +1,6 @@
 """Chat data: file formats -> typed messages, tokenisation with assistant-only labels, the DataModule."""
 
+from lightning_ft.data.batching import BatchingChoice, choose_batching
 from lightning_ft.data.collate import (
     IGNORE_INDEX,
     ChatCollator,
@@ -25,6 +26,7 @@ from lightning_ft.data.formats import (
 from lightning_ft.data.labels import TemplateRefusedError
 
 __all__ = [
+    "BatchingChoice",
     "FORMATS",
     "IGNORE_INDEX",
     "ROLES",
@@ -37,6 +39,7 @@ __all__ = [
     "Message",
     "TemplateRefusedError",
     "check_conversation",
+    "choose_batching",
     "collate",
     "count_trained",
     "encode_conversation",

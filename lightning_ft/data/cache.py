@@ -18,7 +18,7 @@ import torch
 
 from lightning_ft.data.collate import Example
 from lightning_ft.data.formats import Conversation
-from lightning_ft.export import atomic_file
+from lightning_ft.atomic import atomic_file
 from lightning_ft.models import cache_dir
 
 #: Bumped whenever encoding itself changes (labels, truncation), invalidating every entry.
