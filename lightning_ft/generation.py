@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lightning_ft.adapters import check_base_record
-from lightning_ft.data.collate import _render
+from lightning_ft.data.labels import render_text
 from lightning_ft.models import DEFAULT_MODEL, ModelNotFoundError, _load_tokenizer, load_model, load_tokenizer
 
 Messages = Sequence[Mapping[str, str]]
@@ -131,7 +131,8 @@ def _load_adapter(directory: Path, model: str | None, dtype: str, chat_template:
 
 def encode_prompt(tokenizer: Any, messages: Messages, chat_template: str | None = None) -> list[int]:
     """Token ids of a conversation rendered with the chat template, ending with the assistant header."""
-    return _render(tokenizer, messages, chat_template, add_generation_prompt=True)
+    text = render_text(tokenizer, messages, chat_template, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -146,6 +146,23 @@ def load_tokenizer(spec: str, chat_template: str | None = None):
     return _load_tokenizer(resolve_model(spec), chat_template)
 
 
+def generation_stop_ids(spec: str) -> list[int]:
+    """The ids that end a reply in the model's ``generation_config.json`` (``eos_token_id``, often a list).
+
+    Read from the resolved model directory without loading weights; ``[]`` when the model has no
+    generation config (or only a hub id that is not cached locally: nothing is downloaded).
+    """
+    from transformers import GenerationConfig
+
+    source = resolve_model(spec)
+    try:
+        config = GenerationConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        return []
+    ids = config.eos_token_id
+    return [ids] if isinstance(ids, int) else [int(i) for i in ids or ()]
+
+
 def load_model(spec: str, dtype: str = "float32", **kwargs: Any):
     """Load a causal LM for a model spec with remote code disabled and safetensors preferred.
 
