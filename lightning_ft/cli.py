@@ -12,8 +12,10 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_ft.callbacks.export import SaveHFModel
+from lightning_ft.callbacks.nonfinite import NonFiniteGuard
 from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.module import FineTuneModule
+from lightning_ft.run_dir import claim_run_directories
 from lightning_ft.precision import resolve_precision
 
 
@@ -21,8 +23,9 @@ class FineTuneCLI(LightningCLI):
     """LightningCLI whose model and tokenizer settings flow into the datamodule through links.
 
     Always-on callbacks are configurable under their own keys: ``--checkpoint.*`` (ModelCheckpoint,
-    keeps ``last.ckpt``), ``--lr_monitor.*``, ``--progress_bar.*`` and ``--export.*`` (the Hugging
-    Face output written at the end of ``fit``).
+    keeps ``last.ckpt``), ``--lr_monitor.*``, ``--progress_bar.*``, ``--export.*`` (the Hugging
+    Face output written at the end of ``fit``) and ``--nan_guard.*`` (skips non-finite steps). ``fit``
+    claims its ``version_N`` log directory exclusively before writing anything.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -34,7 +37,11 @@ class FineTuneCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
         parser.add_lightning_class_args(SaveHFModel, "export")
+        parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
         _allow_auto_precision(parser)
+
+    def before_fit(self) -> None:
+        claim_run_directories(self.trainer)  # two fits started together must not share a version_N
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

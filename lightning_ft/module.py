@@ -16,8 +16,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from peft import PeftConfig
 
-from lightning_ft.export import atomic_directory
-from lightning_ft.adapters import FullFineTune, LoRA, PeftAdapter, QLoRA
+from lightning_ft.atomic import atomic_directory, refuse_non_finite
+from lightning_ft.adapters import FullFineTune, LoRA, PeftAdapter, QLoRA, write_base_record
+from lightning_ft.callbacks.nonfinite import NonFiniteGuard
+from lightning_ft.checkpoint_io import use_atomic_checkpoints
 from lightning_ft.attention import PER_SEQUENCE_SDPA, full_attention_only, register
 from lightning_ft.losses import chunk_cross_entropy, chunk_kl, chunked_sum, kl_sum, packing_is_exact
 from lightning_ft.models import (DEFAULT_MODEL, base_fingerprint, decoder_layers, enable_checkpointing, load_model,
@@ -188,6 +190,9 @@ class FineTuneModule(pl.LightningModule):
         for layer in decoder_layers(base, "compile=True"):
             layer.compile()  # per layer and in place: one small graph reused by every layer, same state dict keys
 
+    def setup(self, stage: str) -> None:
+        use_atomic_checkpoints(self.trainer)  # checkpoints land complete or not at all, never in $TMPDIR
+
     def on_fit_start(self) -> None:
         for reference in self._reference:
             reference.to(self.device)
@@ -314,7 +319,8 @@ class FineTuneModule(pl.LightningModule):
         loss = loss_sum.detach() / n_trained.clamp(min=1)
         self._window_trained += int(n_trained)
         n_tokens = _real_tokens(batch).sum()
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
+        if bool(torch.isfinite(loss)):  # a non-finite step is reported (and skipped) by NonFiniteGuard instead
+            self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
         if kl is not None:
             self.log("train/kl", kl.detach(), prog_bar=True, batch_size=int(n_trained))
             # Gradients are divided by the trained tokens later: scaling by them keeps beta a per-token weight.
@@ -393,6 +399,11 @@ class FineTuneModule(pl.LightningModule):
         return {"loss": losses.sum(dim=1) / counts.clamp(min=1), "trained_tokens": counts}
 
     # -- optimisation --------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """A :class:`~lightning_ft.callbacks.nonfinite.NonFiniteGuard` with its defaults, unless the trainer has one:
+        a NaN step must not reach the weights even when the module is used outside the CLI."""
+        return [] if any(isinstance(c, NonFiniteGuard) for c in self.trainer.callbacks) else [NonFiniteGuard()]
+
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
         for name, param in self.named_parameters():
@@ -455,9 +466,14 @@ class FineTuneModule(pl.LightningModule):
 
         LoRA writes a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
         ``PeftModel.from_pretrained`` loads onto the base; full fine-tuning writes safetensors weights.
-        The directory appears complete or not at all; an existing one is replaced only after success.
+        The directory appears complete or not at all; an existing one is replaced only after success, and
+        never by weights holding NaN or infinity. An adapter is written with the record of its base model
+        (``lightning_ft_base.json``), checked wherever it is loaded.
         """
+        refuse_non_finite(self.model.state_dict(), str(directory))
         with atomic_directory(directory) as staging:
             self.model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
+            if self.adapter.method != "full":
+                write_base_record(staging, self.model, self.hparams.model_name)
         return Path(directory)

@@ -100,3 +100,41 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     final = root / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
     assert torch.load(final, weights_only=True)["global_step"] == step + 3
+
+
+def _logged_losses(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars("train/loss")}
+
+
+def test_resume_from_model_checkpoint_through_the_cli_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    """The user's path: quickstart config (``max_epochs`` set, so Lightning builds the training loader before it
+    restores its loop progress), a ``ModelCheckpoint(every_n_train_steps=2)`` file, ``fit --ckpt_path``."""
+    import json
+
+    from lightning_ft.cli import main
+
+    train = tmp_path / "train.jsonl"  # answers of very different lengths: batches train different token counts
+    train.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Count to {i}."},
+        {"role": "assistant", "content": " ".join(str(k) for k in range(1 + 7 * (i % 5)))},
+    ]}) + "\n" for i in range(25)))
+    root = tmp_path / "runs"
+    args = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--model.model_name", tiny_model_dir,
+            "--data.train_path", str(train), "--data.val_path", "null", "--data.batch_size", "4",
+            "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0", "--seed_everything", "7",
+            "--model.adapter.init_args.dropout", "0", "--model.learning_rate", "1e-3", "--trainer.max_steps", "5",
+            "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1",
+            "--progress_bar.refresh_rate", "0", "--trainer.default_root_dir", str(root)]
+    main(args)
+    ckpt = root / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0-step=2.ckpt"
+    main(args + ["--ckpt_path", str(ckpt)])
+    straight = _logged_losses(root / "lightning_logs" / "version_0")
+    resumed = _logged_losses(root / "lightning_logs" / "version_1")
+    assert sorted(resumed) == [2, 3, 4]
+    assert len({round(straight[step], 3) for step in straight}) == 5  # the steps really differ
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step

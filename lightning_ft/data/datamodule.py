@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_ft.data.collate import (
+    MASKING,
     ChatCollator,
     EmptyLabelsError,
     Example,
@@ -27,7 +28,7 @@ from lightning_ft.data.cache import save as save_encoded
 from lightning_ft.data.checks import lint_conversations
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem, scan_file
-from lightning_ft.models import load_tokenizer
+from lightning_ft.models import generation_stop_ids, load_tokenizer
 
 #: The general conversations shipped for replay (200, written for the package).
 DEFAULT_REPLAY = str(Path(__file__).resolve().parents[1] / "benchmarks" / "general_chat.jsonl")
@@ -70,6 +71,11 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
         "encode_cache": (isinstance(args["encode_cache"], bool), "must be true or false"),
         "replay_path": (args["replay_path"] is None or isinstance(args["replay_path"], (str, os.PathLike)),
                         "must be a chat data file, 'default' (the shipped general conversations), or None"),
+        "stop_tokens": (args["stop_tokens"] is None or (isinstance(args["stop_tokens"], (list, tuple)) and all(
+            isinstance(t, str) or _is_int(t) for t in args["stop_tokens"])),
+            "must be a list of token ids or strings, or None"),
+        "masking": (args["masking"] in MASKING, f"must be one of: {', '.join(MASKING)}"),
+        "train_reasoning": (isinstance(args["train_reasoning"], bool), "must be true or false"),
         "replay_ratio": (isinstance(args["replay_ratio"], (int, float)) and not isinstance(args["replay_ratio"], bool)
                          and 0.0 <= args["replay_ratio"] < 1.0, "must be a number in [0, 1)"),
     }
@@ -121,8 +127,8 @@ class ChatDataModule(LightningDataModule):
             within windows of 50 batches, then the batches shuffled), so less of each batch is padding.
             ``auto`` groups when batches are not packed and would be more than 10% padding.
         encode_cache: Keep encoded conversations on disk (``$LIGHTNING_FT_CACHE/encoded``), keyed by their
-            content, the tokenizer, the chat template and the truncation settings, so later runs on the same
-            data skip tokenising.
+            content, the tokenizer, the chat template, the truncation and labelling settings, so later runs on
+            the same data skip tokenising.
         num_workers: DataLoader worker processes.
         seed: Seeds the validation split, the training shuffle and the replay draws.
         replay_path: General conversations mixed into training to keep what the base model knew (replay);
@@ -131,6 +137,13 @@ class ChatDataModule(LightningDataModule):
         replay_ratio: Share of every epoch's training conversations drawn from the replay data, e.g. 0.2
             adds one replay conversation per four task ones (a fresh seeded draw every epoch; the task
             data is all used as before). Validation stays task-only.
+        masking: Which tokens are trained: ``assistant`` every assistant reply with its stop marker,
+            ``last_assistant`` only the final reply, ``all`` every token (``train_on_inputs``-style). An
+            assistant message with ``"train": false`` or ``"weight": 0`` is never trained.
+        stop_tokens: Token ids or strings that end a reply, besides the tokenizer's eos. ``None`` reads them
+            from the model's ``generation_config.json`` (``eos_token_id``) in the ``tokenizer`` model spec.
+        train_reasoning: Train ``<think>`` reasoning inside assistant messages where the chat template renders
+            it (templates that strip it from earlier turns leave it out there); ``false`` trains answers only.
         checks: Data checks before training: ``warn`` prints duplicates, leakage and inconsistencies once,
             ``strict`` stops on them like on bad records, ``off`` skips them (bad records always stop a run).
 
@@ -161,6 +174,9 @@ class ChatDataModule(LightningDataModule):
         packing: bool | Literal["auto"] = "auto",
         group_by_length: bool | Literal["auto"] = "auto",
         encode_cache: bool = True,
+        masking: Literal["assistant", "last_assistant", "all"] = "assistant",
+        stop_tokens: list[int | str] | None = None,
+        train_reasoning: bool = True,
     ) -> None:
         super().__init__()
         args = dict(locals())
@@ -186,6 +202,9 @@ class ChatDataModule(LightningDataModule):
         self.packing = packing
         self.group_by_length = group_by_length
         self.encode_cache = encode_cache
+        self.masking = masking
+        self.stop_tokens = None if stop_tokens is None else list(stop_tokens)
+        self.train_reasoning = train_reasoning
         #: A ready tokenizer object; when set it is used instead of loading ``tokenizer``.
         self.tokenizer_obj: Any = None
         #: Counts from :meth:`setup`: conversations, tokens, trained tokens, truncated, dropped.
@@ -193,6 +212,7 @@ class ChatDataModule(LightningDataModule):
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
         self.replay_examples: list[Example] = []
+        self._resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def scan(self) -> tuple[dict[str, list[Conversation]], list[DataProblem]]:
         """Read the files without raising on bad records: the good conversations per file and every problem.
@@ -249,6 +269,12 @@ class ChatDataModule(LightningDataModule):
             raise ValueError("The tokenizer has no chat template: set `chat_template` (a Jinja string).")
         return self.tokenizer_obj
 
+    def labelling(self) -> dict[str, Any]:
+        """The labelling settings of :func:`~lightning_ft.data.collate.encode_conversation`, stop tokens resolved."""
+        if self.stop_tokens is None:
+            self.stop_tokens = generation_stop_ids(self.tokenizer) if self.tokenizer is not None else []
+        return {"stop_tokens": self.stop_tokens, "masking": self.masking, "train_reasoning": self.train_reasoning}
+
     def _check(self, train: list[Conversation], val: list[Conversation]) -> None:
         """Model-free data checks: warnings printed once (rank zero), or raised with ``checks="strict"``."""
         if self.checks == "off":
@@ -270,7 +296,8 @@ class ChatDataModule(LightningDataModule):
             return []
         key = None
         if self.encode_cache:
-            key = encoding_key(conversations, tokenizer, self.chat_template, self.max_length, self.truncation)
+            key = encoding_key(conversations, tokenizer, self.chat_template, self.max_length, self.truncation,
+                               self.labelling())
         hit = load_encoded(key) if key else None
         if hit is not None:
             examples, counts = hit
@@ -290,7 +317,8 @@ class ChatDataModule(LightningDataModule):
         examples = []
         for conversation in conversations:
             try:
-                example = encode_conversation(conversation.messages, tokenizer, chat_template=self.chat_template)
+                example = encode_conversation(conversation.messages, tokenizer, chat_template=self.chat_template,
+                                              **self.labelling())
             except EmptyLabelsError as error:
                 errors.append(f"{conversation.source}: {error}")
                 continue
@@ -443,15 +471,32 @@ class ChatDataModule(LightningDataModule):
         loader = self._loader(self.train_examples, shuffle=True, replay=self.replay_examples, choice=choice)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
-            # Loop progress is restored from the checkpoint before Lightning asks for the loader.
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            epoch, done = self._resume_position or (trainer.current_epoch,
+                                                    trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            self._resume_position = None
             if 0 < done < len(loader):
                 if trainer.world_size > 1:
                     rank_zero_warn("Resuming mid-epoch under a multi-process strategy restarts the epoch's data "
                                    "order from its beginning; single-process runs resume exactly.")
                 else:
-                    loader.sampler.resume_at(trainer.current_epoch, done * self.batch_size)
+                    loader.sampler.resume_at(epoch, done * self.batch_size)
         return loader
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the data: the epoch and the batches of it already trained on.
+
+        Saved with every checkpoint because Lightning may build the training loader before it restores its
+        loop progress (``configure_optimizers`` reading ``estimated_stepping_batches`` under ``max_epochs``),
+        while a datamodule's state is restored first.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        return {"epoch": trainer.current_epoch, "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in file order, or ``[]`` when there is no validation data."""
