@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from typing import Any
 
+from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from lightning_ft.callbacks.dashboard import TensorBoardDashboard, tensorboard_logger
 from lightning_ft.callbacks.export import SaveHFModel
+from lightning_ft.callbacks.run_report import RunReport
+from lightning_ft.console import quiet_third_party, run_guarded
 from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.module import FineTuneModule
+from lightning_ft.progress import choose_progress_bar, stdout_is_terminal
 
 
 class FineTuneCLI(LightningCLI):
@@ -18,7 +25,10 @@ class FineTuneCLI(LightningCLI):
 
     Always-on callbacks are configurable under their own keys: ``--checkpoint.*`` (ModelCheckpoint,
     keeps ``last.ckpt``), ``--lr_monitor.*``, ``--progress_bar.*`` and ``--export.*`` (the Hugging
-    Face output written at the end of ``fit``).
+    Face output written at the end of ``fit``). The rich progress bar becomes plain lines when stdout is
+    not a terminal and goes away with ``--trainer.enable_progress_bar false``. Every run also gets a
+    :class:`RunReport` (its plan and, at the end, what to run next), a :class:`TensorBoardDashboard` and,
+    unless ``trainer.logger`` is set, a TensorBoard logger without the placeholder ``hp_metric``.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -30,6 +40,13 @@ class FineTuneCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
         parser.add_lightning_class_args(SaveHFModel, "export")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        callbacks = choose_progress_bar(callbacks, config.get("enable_progress_bar") is not False, stdout_is_terminal())
+        callbacks += [RunReport(), TensorBoardDashboard()]
+        if config.get("logger") in (None, True):
+            config = {**config, "logger": tensorboard_logger(config.get("default_root_dir") or os.getcwd())}
+        return super()._instantiate_trainer(config, callbacks)
 
 
 #: Subcommands beyond Lightning's fit/validate/test/predict: name -> function(argv) -> exit code.
@@ -58,18 +75,31 @@ def main(args: list[str] | dict | None = None, run: bool = True) -> FineTuneCLI:
         run=run,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 5},
+        # The run report states the trainable parameters: Lightning's model summary table would repeat it.
+        trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 5, "enable_model_summary": False},
     )
 
 
 def console_main(argv: list[str] | None = None) -> int:
-    """The ``lightning_ft`` command: an extra subcommand by name, else LightningCLI. Returns the exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in EXTRA_COMMANDS:
-        module_name, function = EXTRA_COMMANDS[args[0]].split(":")
-        return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
-    main(argv)  # None lets LightningCLI read sys.argv itself (it warns when given both)
-    return 0
+    """The ``lightning_ft`` command: an extra subcommand by name, else LightningCLI. Returns the exit code.
+
+    Known third-party noise is silenced, and a user error (bad data, a bad value, a missing file, a model
+    that cannot be found) prints as its message alone with exit code 1; ``--debug`` or
+    ``LIGHTNING_FT_DEBUG=1`` shows the traceback.
+    """
+    quiet_third_party()
+    from_command_line = argv is None
+
+    def dispatch(args: list[str]) -> int:
+        if args and args[0] in EXTRA_COMMANDS:
+            module_name, function = EXTRA_COMMANDS[args[0]].split(":")
+            return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
+        if from_command_line:  # LightningCLI warns when given args while sys.argv holds some too
+            sys.argv[1:] = args
+        main(None if from_command_line else args)
+        return 0
+
+    return run_guarded(dispatch, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from lightning_ft.data.cache import save as save_encoded
 from lightning_ft.data.checks import lint_conversations
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem, scan_file
+from lightning_ft.progress import StageProgress
 from lightning_ft.models import load_tokenizer
 
 #: The general conversations shipped for replay (200, written for the package).
@@ -286,7 +287,9 @@ class ChatDataModule(LightningDataModule):
                          errors: list[str]) -> list[Example]:
         """Tokenise, truncate and count; conversations that train nothing go to ``errors``."""
         examples = []
+        progress = StageProgress("Tokenising", total=len(conversations), unit="conversations")
         for conversation in conversations:
+            progress.advance()
             try:
                 example = encode_conversation(conversation.messages, tokenizer, chat_template=self.chat_template)
             except EmptyLabelsError as error:
@@ -310,6 +313,7 @@ class ChatDataModule(LightningDataModule):
             stats["tokens"] += len(kept["input_ids"])
             stats["trained_tokens"] += count_trained(kept["labels"])
             examples.append(kept)
+        progress.close()
         return examples
 
     def setup(self, stage: str | None = None) -> None:
