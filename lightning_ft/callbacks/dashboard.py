@@ -90,7 +90,14 @@ class TensorBoardDashboard(pl.Callback):
 
         logger = TensorBoardLogger("runs", default_hp_metric=False)
         trainer = pl.Trainer(logger=logger, callbacks=[ForgettingCheck(), TensorBoardDashboard()])
+
+    Args:
+        hparams: Write the HParams entry. TensorBoard shows a run's first entry only: turn this off when
+            something else writes one (``lightning_ft sweep`` does, with each run's outcome).
     """
+
+    def __init__(self, hparams: bool = True) -> None:
+        self.hparams = hparams
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         boards = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
@@ -103,7 +110,8 @@ class TensorBoardDashboard(pl.Callback):
         experiment, start, end = hparams(_key_settings(trainer, pl_module), dict.fromkeys(_result_tags(trainer.callbacks), 0.0))
         for board in boards:
             board.experiment.add_custom_scalars(layout)
-            writer = board.experiment._get_file_writer()  # as Lightning's own log_hyperparams does
-            for summary in (experiment, start, end):
-                writer.add_summary(summary)
+            if self.hparams:
+                writer = board.experiment._get_file_writer()  # as Lightning's own log_hyperparams does
+                for summary in (experiment, start, end):
+                    writer.add_summary(summary)
             board.experiment.flush()
