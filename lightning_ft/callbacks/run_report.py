@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -125,5 +126,5 @@ class RunReport(pl.Callback):
     def _system_hint(trainer: pl.Trainer) -> str:
         system = getattr(trainer.datamodule, "system_prompt", None)
         if system:
-            return f" --system {system!r}"
+            return f" --system {shlex.quote(system)}"
         return "  (add --system with your data's system prompt)"

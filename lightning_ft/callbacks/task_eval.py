@@ -161,8 +161,8 @@ class TaskEval(pl.Callback):
     At the start of ``fit`` the base model (adapter disabled; optionally with ``baseline_system_prompt``,
     for the prompt-only success rate) answers every held-out prompt; after each ``every_n_validations``-th
     validation the model being trained does. Logs ``<name>/success_rate`` and ``<name>/success_delta``
-    (versus the base model), ``<name>/success_baseline`` (the base model's rate, as a line for charts), ``<name>/seconds`` and ``<name>/time_share`` (of the wall time since fit
-    started), a markdown table of sample generations to TensorBoard as text, and prints the base model
+    (versus the base model), ``<name>/success_baseline`` (the base model's rate, a line for charts),
+    ``<name>/seconds`` and ``<name>/time_share`` (of the wall time since fit started), a markdown table of sample generations to TensorBoard as text, and prints the base model
     versus the final model at the end. Cost is bounded by ``max_items`` x ``max_new_tokens``.
 
     Example::
