@@ -12,5 +12,6 @@ quickstart:
 	@PY=$$(scripts/setup.sh) && $$PY -m lightning_ft fit --config configs/quickstart.yaml \
 		--config configs/forgetting_quickstart.yaml $(ARGS)
 
+# The environment's bin directory first on PATH: the tests also run the `lightning_ft` console script.
 test:
-	@PY=$$(scripts/setup.sh) && $$PY -m pytest -q $(ARGS)
+	@PY=$$(scripts/setup.sh) && PATH="$$(dirname $$PY):$$PATH" $$PY -m pytest -q $(ARGS)
