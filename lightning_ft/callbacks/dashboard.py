@@ -34,10 +34,12 @@ def dashboard_layout(callbacks: list[pl.Callback]) -> dict[str, dict[str, list[A
     for check in (cb for cb in callbacks if isinstance(cb, ForgettingCheck)):
         charts = layout.setdefault("2 forgetting", {})
         if check.probe.items:
-            charts[f"{check.metric}: now, base model, alarm"] = ["Multiline", _exact(
+            title = f"{check.metric}: now, base model" + (", alarm" if check.max_accuracy_drop is not None else "")
+            charts[title] = ["Multiline", _exact(
                 f"forgetting/{check.metric}", f"forgetting/{check.metric}_baseline", f"forgetting/{check.metric}_alarm")]
         if check.probe.conversations:
-            charts["KL from the base model, alarm"] = ["Multiline", _exact("forgetting/kl", "forgetting/kl_alarm")]
+            title = "KL from the base model" + (", alarm" if check.max_kl is not None else "")
+            charts[title] = ["Multiline", _exact("forgetting/kl", "forgetting/kl_alarm")]
     for task in (cb for cb in callbacks if isinstance(cb, TaskEval)):
         layout.setdefault("3 task", {})[f"{task.name}: success, base model"] = ["Multiline", _exact(
             f"{task.name}/success_rate", f"{task.name}/success_baseline")]
@@ -45,22 +47,20 @@ def dashboard_layout(callbacks: list[pl.Callback]) -> dict[str, dict[str, list[A
 
 
 def _key_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-    """What tells runs apart in the HParams table: method, model, rank, learning rate, epochs, steps, batch."""
+    """What tells runs apart in the HParams table: method, rank, learning rate, epochs, steps.
+
+    Five on purpose: the table shows the first five settings (alphabetically) before its metric columns;
+    everything else is in the run's ``hparams.yaml`` and ``config.yaml``.
+    """
     hparams = getattr(pl_module, "hparams", {})
     adapter = getattr(pl_module, "adapter", None)
-    settings: dict[str, Any] = {
+    return {
         "method": type(getattr(adapter, "config", adapter)).__name__ if adapter is not None else "custom",
-        "model": str(hparams.get("model_name", type(pl_module).__name__)),
         "rank": int(getattr(adapter, "r", 0) or 0),
         "learning_rate": float(hparams.get("learning_rate", getattr(pl_module, "learning_rate", 0.0)) or 0.0),
         "epochs": int(trainer.max_epochs or 0),
         "max_steps": int(trainer.max_steps),
-        "precision": str(trainer.precision),
     }
-    batch_size = getattr(trainer.datamodule, "batch_size", None)
-    if isinstance(batch_size, int):
-        settings["batch_size"] = batch_size * trainer.accumulate_grad_batches
-    return settings
 
 
 def _result_tags(callbacks: list[pl.Callback]) -> list[str]:
@@ -81,8 +81,8 @@ class TensorBoardDashboard(pl.Callback):
     The CUSTOM SCALARS tab then opens on training and validation loss in one chart, tokens/s, the
     learning rate, forgetting accuracy against its baseline and alarm line and KL against its alarm
     (with a :class:`ForgettingCheck`), and task success against the base model's (with a
-    :class:`TaskEval`). The HPARAMS tab lists method, model, LoRA rank, learning rate, epochs, steps,
-    precision and batch size next to the last logged loss, forgetting and task metrics, one row per run.
+    :class:`TaskEval`). The HPARAMS tab lists method, LoRA rank, learning rate, epochs and steps next
+    to the last logged loss, forgetting and task metrics, one row per run.
     Pair it with ``TensorBoardLogger(default_hp_metric=False)`` (the ``lightning_ft`` command does), so
     the table has no placeholder ``hp_metric``.
 
