@@ -27,6 +27,7 @@ _EXPORTS = {
     "load_for_generation": "lightning_ft.generation",
     "load_model": "lightning_ft.models",
     "load_tokenizer": "lightning_ft.models",
+    "resolve_precision": "lightning_ft.precision",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from lightning_ft.generation import generate, load_for_generation
     from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
     from lightning_ft.module import FineTuneModule
+    from lightning_ft.precision import resolve_precision
     from lightning_ft.progress import PlainProgressBar
 
 

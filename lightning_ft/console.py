@@ -94,12 +94,10 @@ def split_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
 
 def user_error_message(error: BaseException) -> str | None:
     """The one-line (or one-block) message for an error a user caused and can fix; ``None`` for a bug."""
-    from lightning_ft.models import ModelNotFoundError
+    from lightning_ft.callbacks.nonfinite import NonFiniteTrainingError
 
-    if isinstance(error, ModelNotFoundError):
-        return str(error)
-    if isinstance(error, (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-                          UnicodeDecodeError)):
+    if isinstance(error, (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                          PermissionError, NonFiniteTrainingError)):
         return str(error) or type(error).__name__
     return None
 
