@@ -23,6 +23,8 @@ _NOISE_RECORDS = (
     ("lightning", "HPU available:"),
     ("lightning", "Seed set to"),
     ("lightning", "Loading `train_dataloader` to estimate"),
+    ("lightning", "Using bfloat16 Automatic Mixed Precision"),  # the run plan states the precision
+    ("lightning", "Using 16bit Automatic Mixed Precision"),
     ("lightning", "`Trainer.fit` stopped:"),  # the run report says how the run ended
     ("lightning", "Saved the fine-tuned model in Hugging Face format"),  # the run report names it
     ("transformers", "`past_key_values`/`cache_params` are deprecated"),  # peft calls the old name

@@ -101,7 +101,8 @@ def test_missing_model_and_bad_value_are_one_line(tmp_path):
     missing = _command(["fit", "--config", "configs/quickstart.yaml", "--model.model_name", "./no/such/model",
                         "--trainer.default_root_dir", str(tmp_path)], tmp_path / "out.log")
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
-    assert missing.stderr.startswith("error: Model path './no/such/model' does not exist.")
+    assert "error: Model path './no/such/model' does not exist.\n" in missing.stderr
+    assert "Automatic Mixed Precision" not in missing.stderr
     bad_value = _command(["fit", "--config", "configs/quickstart.yaml", "--model.learning_rate", "-1",
                           "--trainer.default_root_dir", str(tmp_path)], tmp_path / "out.log")
     assert bad_value.returncode != 0 and "Traceback" not in bad_value.stderr
