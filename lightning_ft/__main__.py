@@ -2,6 +2,6 @@
 
 import sys
 
-from lightning_ft.cli import console_main
+from lightning_ft.console import main
 
-sys.exit(console_main())
+sys.exit(main())

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
+from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning_fabric.connector import _PRECISION_INPUT
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_ft.callbacks.dashboard import TensorBoardDashboard, tensorboard_logger
 from lightning_ft.callbacks.export import SaveHFModel
 from lightning_ft.callbacks.nonfinite import NonFiniteGuard
+from lightning_ft.callbacks.run_report import RunReport
+from lightning_ft.console import quiet_third_party, run_guarded
 from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.module import FineTuneModule
 from lightning_ft.run_dir import claim_run_directories
 from lightning_ft.precision import resolve_precision
+from lightning_ft.progress import choose_progress_bar, stdout_is_terminal
 
 
 class FineTuneCLI(LightningCLI):
@@ -25,7 +31,11 @@ class FineTuneCLI(LightningCLI):
     Always-on callbacks are configurable under their own keys: ``--checkpoint.*`` (ModelCheckpoint,
     keeps ``last.ckpt``), ``--lr_monitor.*``, ``--progress_bar.*``, ``--export.*`` (the Hugging
     Face output written at the end of ``fit``) and ``--nan_guard.*`` (skips non-finite steps). ``fit``
-    claims its ``version_N`` log directory exclusively before writing anything.
+    claims its ``version_N`` log directory exclusively before writing anything. The rich progress bar
+    becomes plain lines when stdout is not a terminal and goes away with ``--trainer.enable_progress_bar
+    false``. Every run also gets a :class:`RunReport` (its plan and, at the end, what to run next), a
+    :class:`TensorBoardDashboard` and, unless ``trainer.logger`` is set, a TensorBoard logger without the
+    placeholder ``hp_metric``.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -49,6 +59,13 @@ class FineTuneCLI(LightningCLI):
             choice = resolve_precision(str(config["trainer"].get("accelerator") or "auto"))
             config["trainer"]["precision"] = choice.precision
             rank_zero_info(str(choice))
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        callbacks = choose_progress_bar(callbacks, config.get("enable_progress_bar") is not False, stdout_is_terminal())
+        callbacks += [RunReport(), TensorBoardDashboard()]
+        if config.get("logger") in (None, True):
+            config = {**config, "logger": tensorboard_logger(config.get("default_root_dir") or os.getcwd())}
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def _allow_auto_precision(parser: LightningArgumentParser) -> None:
@@ -86,18 +103,31 @@ def main(args: list[str] | dict | None = None, run: bool = True) -> FineTuneCLI:
         run=run,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 5},
+        # The run report states the trainable parameters: Lightning's model summary table would repeat it.
+        trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 5, "enable_model_summary": False},
     )
 
 
 def console_main(argv: list[str] | None = None) -> int:
-    """The ``lightning_ft`` command: an extra subcommand by name, else LightningCLI. Returns the exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in EXTRA_COMMANDS:
-        module_name, function = EXTRA_COMMANDS[args[0]].split(":")
-        return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
-    main(argv)  # None lets LightningCLI read sys.argv itself (it warns when given both)
-    return 0
+    """The ``lightning_ft`` command: an extra subcommand by name, else LightningCLI. Returns the exit code.
+
+    Known third-party noise is silenced, and a user error (bad data, a bad value, a missing file, a model
+    that cannot be found) prints as its message alone with exit code 1; ``--debug`` or
+    ``LIGHTNING_FT_DEBUG=1`` shows the traceback.
+    """
+    quiet_third_party()
+    from_command_line = argv is None
+
+    def dispatch(args: list[str]) -> int:
+        if args and args[0] in EXTRA_COMMANDS:
+            module_name, function = EXTRA_COMMANDS[args[0]].split(":")
+            return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
+        if from_command_line:  # LightningCLI warns when given args while sys.argv holds some too
+            sys.argv[1:] = args
+        main(None if from_command_line else args)
+        return 0
+
+    return run_guarded(dispatch, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

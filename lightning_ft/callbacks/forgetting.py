@@ -10,7 +10,9 @@ Logged under ``forgetting/`` (TensorBoard and every other logger, at the trainer
 - ``score``, for ``ModelCheckpoint(monitor="forgetting/score", mode="max")``: the chosen accuracy when
   within the thresholds, accuracy - 2 when not (so every checkpoint that forgot ranks below every
   one that did not, and the finite value still plots); ``-kl`` when the benchmark is off;
-- ``time_share``: the fraction of wall time since training started spent scoring; ``seconds``.
+- ``time_share``: the fraction of wall time since training started spent scoring; ``seconds``;
+- ``<metric>_baseline``, ``<metric>_alarm`` (baseline - ``max_accuracy_drop``) and ``kl_alarm`` (``max_kl``):
+  constant lines for charts (:class:`~lightning_ft.callbacks.dashboard.TensorBoardDashboard` draws them).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from lightning_ft.forgetting.drift import read_prompts
 from lightning_ft.forgetting.lm_eval import require_lm_eval
 from lightning_ft.forgetting.probe import ForgettingProbe
 from lightning_ft.forgetting.report import print_summary
+from lightning_ft.progress import say
 
 Action = Literal["warn", "stop", "both"]
 
@@ -162,6 +165,9 @@ class ForgettingCheck(pl.Callback):
         if trainer.global_step > 0:
             rank_zero_warn(f"ForgettingCheck: no baseline in the checkpoint; measuring it now, at step "
                            f"{trainer.global_step}, so changes are relative to this model, not the base model.")
+        # The baseline can take a while; its result line (from _report) says how long it took.
+        say(f"Measuring the base model for the forgetting checks ({len(self.probe.items)} questions, "
+            f"{len(self.probe.conversations)} prompts) ...")
         if self.probe.needs_reference(model):
             self.probe.cache_reference(model)
         self._check(trainer, pl_module)
@@ -252,6 +258,7 @@ class ForgettingCheck(pl.Callback):
                 values[f"forgetting/{key}_delta"] = value - self.baseline.get(key, value)
         values.update({"forgetting/ok": float(record["ok"]), "forgetting/score": self._score(record),
                        "forgetting/seconds": record["seconds"]})
+        values.update(self._reference_lines())
         if len(self.history) > 1:
             values["forgetting/time_share"] = self._cost.share()
         for logger in trainer.loggers:
@@ -259,6 +266,17 @@ class ForgettingCheck(pl.Callback):
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in values.items()})
         shown = (f"forgetting/{self.metric}", "forgetting/kl", "forgetting/ok")
         trainer.progress_bar_metrics.update({key: values[key] for key in shown if key in values})
+
+    def _reference_lines(self) -> dict[str, float]:
+        """The baseline and the alarm levels as scalars, so a chart draws them beside the measured values."""
+        lines, baseline = {}, self.baseline
+        if self.metric in baseline:
+            lines[f"forgetting/{self.metric}_baseline"] = baseline[self.metric]
+            if self.max_accuracy_drop is not None:
+                lines[f"forgetting/{self.metric}_alarm"] = baseline[self.metric] - self.max_accuracy_drop
+        if "kl" in baseline and self.max_kl is not None:
+            lines["forgetting/kl_alarm"] = self.max_kl
+        return lines
 
     def _report(self, record: dict[str, Any]) -> None:
         metrics, parts = record["metrics"], []

@@ -161,8 +161,8 @@ class TaskEval(pl.Callback):
     At the start of ``fit`` the base model (adapter disabled; optionally with ``baseline_system_prompt``,
     for the prompt-only success rate) answers every held-out prompt; after each ``every_n_validations``-th
     validation the model being trained does. Logs ``<name>/success_rate`` and ``<name>/success_delta``
-    (versus the base model), ``<name>/seconds`` and ``<name>/time_share`` (of the wall time since fit
-    started), a markdown table of sample generations to TensorBoard as text, and prints the base model
+    (versus the base model), ``<name>/success_baseline`` (the base model's rate, a line for charts),
+    ``<name>/seconds`` and ``<name>/time_share`` (of the wall time since fit started), a markdown table of sample generations to TensorBoard as text, and prints the base model
     versus the final model at the end. Cost is bounded by ``max_items`` x ``max_new_tokens``.
 
     Example::
@@ -346,6 +346,8 @@ class TaskEval(pl.Callback):
     def _metrics(self, rate: float) -> dict[str, float]:
         metrics = {f"{self.name}/success_rate": rate, f"{self.name}/success_delta": rate - (self.baseline or 0.0),
                    f"{self.name}/seconds": self._seconds}
+        if self.baseline is not None:  # a constant line beside success_rate in charts
+            metrics[f"{self.name}/success_baseline"] = self.baseline
         share = self._cost.share()
         if self.history and share is not None:  # not at the baseline, which is all of the time so far
             metrics[f"{self.name}/time_share"] = share

@@ -103,6 +103,8 @@ def run_one(fit_args: list[str], lr: float, steps: int, directory: Path) -> RunR
     from lightning_ft.callbacks.forgetting import ForgettingCheck
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from lightning_ft.callbacks.dashboard import TensorBoardDashboard
+
     cli = _build(fit_args, lr, steps, directory)
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
     forgetting, task_evals = _callbacks(trainer)
@@ -110,6 +112,9 @@ def run_one(fit_args: list[str], lr: float, steps: int, directory: Path) -> RunR
         forgetting = ForgettingCheck()
         at = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, ModelCheckpoint)), len(trainer.callbacks))
         trainer.callbacks.insert(at, forgetting)  # before checkpointing, which may monitor forgetting/score
+    for callback in trainer.callbacks:
+        if isinstance(callback, TensorBoardDashboard):
+            callback.hparams = False  # _log_hparams writes the run's HParams entry, with its outcome
     last = directory / run_name(lr) / "checkpoints" / "last.ckpt"
     started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)

@@ -29,6 +29,7 @@ from lightning_ft.data.checks import lint_conversations
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem, scan_file
 from lightning_ft.models import generation_stop_ids, load_tokenizer
+from lightning_ft.progress import StageProgress
 
 #: The general conversations shipped for replay (200, written for the package).
 DEFAULT_REPLAY = str(Path(__file__).resolve().parents[1] / "benchmarks" / "general_chat.jsonl")
@@ -315,7 +316,9 @@ class ChatDataModule(LightningDataModule):
                          errors: list[str]) -> list[Example]:
         """Tokenise, truncate and count; conversations that train nothing go to ``errors``."""
         examples = []
+        progress = StageProgress("Tokenising", total=len(conversations), unit="conversations")
         for conversation in conversations:
+            progress.advance()
             try:
                 example = encode_conversation(conversation.messages, tokenizer, chat_template=self.chat_template,
                                               **self.labelling())
@@ -340,6 +343,7 @@ class ChatDataModule(LightningDataModule):
             stats["tokens"] += len(kept["input_ids"])
             stats["trained_tokens"] += count_trained(kept["labels"])
             examples.append(kept)
+        progress.close()
         return examples
 
     def setup(self, stage: str | None = None) -> None:
