@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from lightning_ft.data.formats import (
     REQUIRED_FIELDS,
     Conversation,
+    DataError,
     DataProblem,
     Message,
     convert_record,
@@ -197,9 +198,8 @@ def _open_file(file: str) -> tuple[Any, Literal["line", "record", "row"], bool, 
         try:
             ds = datasets.load_dataset("text", data_files=[file], split="train", encoding="utf-8-sig",
                                        cache_dir=_datasets_cache())
-        except UnicodeDecodeError as error:
-            return None, "line", True, [DataProblem(file, None, None, f"is not UTF-8 text (undecodable byte at "
-                                                                      f"offset {error.start}); save it as UTF-8")]
+        except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError):
+            return None, "line", True, load_records(file)[2]  # the error path names the byte (or the cause)
         return ds, "line", True, []
     if suffix == ".json":  # one JSON list: parsed whole (it is one value), then kept as JSON text per record
         records, unit, problems = load_records(file)
@@ -294,10 +294,23 @@ def convert_batch(batch: dict[str, list], indices: list[int], *, text: bool, for
             issues = _decode_cell(record, format)
             if not issues:
                 messages, issues = convert_record(record, format, system_prompt)
+        if messages:
+            messages, issues = _unicode_checked(messages)
         out["messages"].append(messages)
         out["problems"].append([f"{field or ''}{_SEP}{message}" for field, message in issues])
         out["row"].append(row)
     return out
+
+
+def _unicode_checked(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[str | None, str]]]:
+    """The messages, or a problem for text that is not valid Unicode (a lone surrogate from JSON ``\\ud800``)."""
+    for index, message in enumerate(messages):
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as error:
+            return [], [(f"messages[{index}].content", f"not valid Unicode text ({error.reason} at character "
+                                                       f"{error.start})")]
+    return messages, []
 
 
 def _features() -> Any:
@@ -425,3 +438,16 @@ def read_source(spec: str | os.PathLike | Source, format: str = "auto", system_p
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else (parts[0] if parts else None)
     problems.sort(key=lambda p: (p.path, p.line or 0))
     return SourceData(source, dataset, problems, units)
+
+
+def read_conversations_from(spec: str | os.PathLike | Source, format: str = "auto",
+                            system_prompt: str | None = None) -> list[Conversation]:
+    """Every conversation of a (small) source as Python objects, for evaluation sets and prompt lists.
+
+    Raises:
+        DataError: Every bad record, with source, line or row, and field.
+    """
+    data = read_source(spec, format, system_prompt)
+    if data.problems:
+        raise DataError(data.problems)
+    return data.conversations()
