@@ -208,9 +208,18 @@ def _open_file(file: str) -> tuple[Any, Literal["line", "record", "row"], bool, 
         return ds, unit, True, problems
     if suffix == ".arrow":
         return datasets.Dataset.from_file(file), "row", False, []
-    builder = suffix[1:]
-    return datasets.load_dataset(builder, data_files=[file], split="train", cache_dir=_datasets_cache()), "row", \
-        False, []
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        if pq.ParquetFile(file).metadata.num_rows == 0:
+            return None, "row", False, [DataProblem(file, None, None, "no records (it is empty)")]
+    try:
+        ds = datasets.load_dataset(suffix[1:], data_files=[file], split="train", cache_dir=_datasets_cache())
+    except datasets.exceptions.DatasetGenerationError as error:
+        cause = error.__cause__ or error.__context__ or error
+        return None, "row", False, [DataProblem(file, None, None, f"cannot be read as {suffix[1:].upper()}: "
+                                                                  f"{str(cause).splitlines()[0]}")]
+    return ds, "row", False, []
 
 
 def _expand(path: str) -> list[str]:
