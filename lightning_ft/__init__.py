@@ -4,6 +4,7 @@ from lightning_ft.adapters import FullFineTune, LoRA, QLoRA
 from lightning_ft.callbacks import ForgettingCheck, SaveHFModel, TaskEval
 from lightning_ft.data.collate import encode_conversation
 from lightning_ft.data.datamodule import ChatDataModule
+from lightning_ft.data.sources import Source
 from lightning_ft.generation import generate, load_for_generation
 from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
 from lightning_ft.module import FineTuneModule
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL",
     "ChatDataModule",
+    "Source",
     "FineTuneModule",
     "ForgettingCheck",
     "FullFineTune",

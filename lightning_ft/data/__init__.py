@@ -10,6 +10,7 @@ from lightning_ft.data.collate import (
     truncate_example,
 )
 from lightning_ft.data.datamodule import ChatDataModule
+from lightning_ft.data.sources import Source, read_source
 from lightning_ft.data.formats import (
     FORMATS,
     ROLES,
@@ -33,11 +34,13 @@ __all__ = [
     "DataProblem",
     "EmptyLabelsError",
     "Message",
+    "Source",
     "check_conversation",
     "collate",
     "count_trained",
     "encode_conversation",
     "read_conversations",
+    "read_source",
     "scan_file",
     "truncate_example",
 ]
