@@ -248,7 +248,7 @@ def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None
         encoded = conversations.map(
             encode_batch, batched=True, batch_size=256, num_proc=procs, desc=description, features=_features(),
             remove_columns=conversations.column_names, cache_file_name=str(staging / "data.arrow"),
-            new_fingerprint=key or hashlib.sha256(os.urandom(16)).hexdigest(),
+            new_fingerprint=(key or os.urandom(16).hex())[:32],
             fn_kwargs={"tokenizer": tokenizer, "chat_template": chat_template, "max_length": max_length,
                        "truncation": truncation, "fast": offsets_are_exact(tokenizer)})
         if target is not None and not bool(pc.any(pc.equal(encoded.data.column("status"), TEMPLATE_ERROR)).as_py()):

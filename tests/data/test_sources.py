@@ -157,3 +157,26 @@ def test_fast_encoder_matches_encode_conversation(tiny_tokenizer):
     for i, chat in enumerate(conversations):
         expected = encode_conversation(chat, tiny_tokenizer)
         assert fast["input_ids"][i] == expected["input_ids"] and fast["labels"][i] == expected["labels"], i
+
+
+def test_worker_processes_read_and_encode_the_same(tmp_path, tiny_model_dir, monkeypatch):
+    from lightning_ft.data import encode, sources
+
+    monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]}) + "\n"
+        for i in range(40)) + "{bad\n")
+    results = []
+    for procs in (None, 2):
+        monkeypatch.setattr(encode, "_PARALLEL_FROM", 0 if procs else 10**9)
+        monkeypatch.setattr(sources, "_PARALLEL_FROM", 0 if procs else 10**9)
+        data = ChatDataModule(str(tmp_path / "t.jsonl"), tokenizer=tiny_model_dir, num_proc=procs,
+                              encode_cache=False, checks="off")
+        with pytest.raises(DataError, match=r"t\.jsonl:41: invalid JSON"):
+            data.setup("fit")
+        data = ChatDataModule(sources=[Source(str(tmp_path / "t.jsonl"))], tokenizer=tiny_model_dir,
+                              num_proc=procs, encode_cache=False, checks="off")
+        data._read()["train"][0].problems.clear()  # train on the good records
+        data.setup("fit")
+        results.append(list(data.train_examples))
+    assert results[0] == results[1] and len(results[0]) == 40
