@@ -88,7 +88,7 @@ def run_trl(path: str, tokenizer_spec: str, num_proc: int) -> dict:
     with tempfile.TemporaryDirectory() as output:
         trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train, args=SFTConfig(
             output_dir=output, max_length=2048, dataset_num_proc=num_proc if num_proc > 1 else None,
-            report_to=[], packing=False))
+            report_to=[], packing=False, bf16=False, use_cpu=True))
         tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     return {"seconds": time.perf_counter() - started, "tokens": tokens}
 
@@ -140,6 +140,7 @@ def main() -> None:
             for name in names:
                 label = name if name not in results else f"{name} (cache hit)"
                 results[label] = _run(name, path, options.tokenizer, options.num_proc, env)
+                print(f"{count:,} conversations, {label}: {results[label]}", file=sys.stderr, flush=True)
             floor = results.get("floor", {}).get("seconds")
             for label, result in results.items():
                 rows.append({"conversations": count, "contender": label, **result,
