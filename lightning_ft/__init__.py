@@ -8,6 +8,7 @@ from lightning_ft.data.sources import Source
 from lightning_ft.generation import generate, load_for_generation
 from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
 from lightning_ft.module import FineTuneModule
+from lightning_ft.precision import resolve_precision
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,5 @@ __all__ = [
     "load_for_generation",
     "load_model",
     "load_tokenizer",
+    "resolve_precision",
 ]

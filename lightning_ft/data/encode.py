@@ -1,13 +1,8 @@
 """Conversations (Arrow) -> labelled token ids (Arrow), with worker processes and a validated on-disk cache.
 
-:func:`encode_batch` is the one place that turns conversations into training examples. Its fast path
-renders every conversation and the prefixes that delimit its assistant turns as text in one batched
-template call, tokenises the full renders in one batched call of the fast tokenizer, and locates each
-turn by character offsets: the same rule as :func:`~lightning_ft.data.collate.encode_conversation`
-(trained span from the end of the render up to the assistant header to the end of the render through
-the turn; a token straddling a boundary stays untrained), checked against it in the tests. Anything
-the fast path cannot vouch for (a slow tokenizer, a render that is not prefix-stable) goes through
-``encode_conversation`` itself.
+:func:`encode_batch` is the one place that turns conversations into training examples: it calls
+:func:`~lightning_ft.data.collate.encode_conversation` on each (one render of the template, one
+tokenisation) and records the truncation counts per row.
 
 :func:`encode_dataset` runs it with ``datasets.map`` over ``num_proc`` processes and keeps the result
 under ``$LIGHTNING_FT_CACHE/encoded/<key>``, keyed by the conversations' content, the tokenizer, the
@@ -22,8 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from bisect import bisect_left, bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +27,16 @@ import pyarrow.compute as pc
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_ft.data.collate import (
-    IGNORE_INDEX,
     EmptyLabelsError,
     count_trained,
     encode_conversation,
     truncate_example,
 )
-from lightning_ft.export import atomic_directory
+from lightning_ft.atomic import atomic_directory
 from lightning_ft.models import cache_dir
 
 #: Bumped whenever encoding itself changes (labels, truncation), invalidating every entry.
-ENCODING_VERSION = 2
+ENCODING_VERSION = 3
 #: Status of an encoded row.
 KEPT, DROPPED, NO_LABELS, TEMPLATE_ERROR = 0, 1, 2, 3
 _PARALLEL_FROM = 2000
@@ -57,79 +50,22 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256((text + special).encode()).hexdigest()
 
 
-def offsets_are_exact(tokenizer: Any) -> bool:
-    """Whether the tokenizer's character offsets tile the text exactly (a fast tokenizer without offset trimming)."""
-    if not getattr(tokenizer, "is_fast", False):
-        return False
-    probe = "a  b\n\n c d\t\te  \n"
-    try:
-        offsets = tokenizer(probe, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    except (NotImplementedError, ValueError, TypeError):
-        return False
-    return bool(offsets) and offsets[0][0] == 0 and offsets[-1][1] == len(probe) and all(
-        a[1] == b[0] for a, b in zip(offsets, offsets[1:]))
-
-
-def _render_texts(tokenizer: Any, conversations: list, chat_template: str | None, generation: bool) -> list[str]:
-    if not conversations:
-        return []
-    return list(tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=generation,
-                                              chat_template=chat_template))
-
-
-def _fast_examples(conversations: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any,
-                   chat_template: str | None) -> list[dict[str, list[int]] | None]:
-    """Examples by character offsets for every conversation whose prefixes render as prefixes; else ``None``."""
-    owners, headers, turns = [], [], []
-    for c, messages in enumerate(conversations):
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                owners.append(c)
-                headers.append(list(messages[:i]))
-                turns.append(list(messages[: i + 1]))
-    full = _render_texts(tokenizer, [list(m) for m in conversations], chat_template, False)
-    header_texts = _render_texts(tokenizer, headers, chat_template, True)
-    turn_texts = _render_texts(tokenizer, turns, chat_template, False)
-    spans: list[list[tuple[int, int]] | None] = [[] for _ in conversations]
-    for c, head, turn in zip(owners, header_texts, turn_texts):
-        if spans[c] is not None and full[c].startswith(head) and full[c].startswith(turn):
-            spans[c].append((len(head), len(turn)))
-        else:
-            spans[c] = None  # not prefix-stable as text: encode_conversation decides (and explains)
-    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    examples: list[dict[str, list[int]] | None] = []
-    for ids, offsets, found in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
-        if found is None:
-            examples.append(None)
-            continue
-        starts, ends = [a for a, _ in offsets], [b for _, b in offsets]
-        labels = [IGNORE_INDEX] * len(ids)
-        for first, last in found:
-            start, end = bisect_left(starts, first), bisect_right(ends, last)
-            labels[start:max(start, end)] = ids[start:max(start, end)]
-        examples.append({"input_ids": list(ids), "labels": labels})
-    return examples
-
-
 def encode_batch(batch: dict[str, list], *, tokenizer: Any, chat_template: str | None, max_length: int,
-                 truncation: str, fast: bool) -> dict[str, list]:
+                 truncation: str, labelling: Mapping[str, Any]) -> dict[str, list]:
     """``datasets.map`` function: conversations -> ``input_ids``, ``labels`` and per-row counts.
 
-    Every input row gives one output row with a ``status`` (kept, dropped by truncation, no trained token,
-    template error), so the counts of a cache entry come from the entry itself.
+    The one place that calls :func:`~lightning_ft.data.collate.encode_conversation` for training data. Every
+    input row gives one output row with a ``status`` (kept, dropped by truncation, no trained token, template
+    error), so the counts of a cache entry come from the entry itself.
     """
-    conversations = batch["messages"]
-    fast_examples = _fast_examples(conversations, tokenizer, chat_template) if fast else [None] * len(conversations)
+    # Arrow stores every message with every key; an absent ``train`` opt-out comes back as None.
+    conversations = [[{k: v for k, v in m.items() if v is not None} for m in chat] for chat in batch["messages"]]
     out: dict[str, list] = {key: [] for key in ("input_ids", "labels", "length", "trained", "lost", "truncated",
                                                 "status", "error", "row", "part")}
-    for messages, example, row, part in zip(conversations, fast_examples, batch["row"], batch["part"]):
+    for messages, row, part in zip(conversations, batch["row"], batch["part"]):
         status, error, trained, lost, cut = KEPT, "", 0, 0, False
         try:
-            if example is None:
-                example = encode_conversation(messages, tokenizer, chat_template=chat_template)
-            elif not count_trained(example["labels"]):
-                raise EmptyLabelsError("conversation yields no trained token: the chat template renders no "
-                                       "assistant tokens")
+            example = encode_conversation(messages, tokenizer, chat_template=chat_template, **labelling)
         except EmptyLabelsError as problem:
             status, error, example = NO_LABELS, str(problem), None
         except ValueError as problem:  # a template problem, the same for every conversation
@@ -177,10 +113,11 @@ def _digest(dataset: Any, columns: list[str]) -> str:
 
 
 def encoding_key(conversations: Any, tokenizer: Any, chat_template: str | None, max_length: int,
-                 truncation: str) -> str:
+                 truncation: str, labelling: Mapping[str, Any] | None = None) -> str:
     """The cache key of encoding ``conversations`` (an Arrow dataset with ``messages``) with these settings."""
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-    settings = json.dumps([ENCODING_VERSION, tokenizer_fingerprint(tokenizer), template, max_length, truncation])
+    settings = json.dumps([ENCODING_VERSION, tokenizer_fingerprint(tokenizer), template, max_length, truncation,
+                           dict(labelling or {})], sort_keys=True)
     return hashlib.sha256((settings + _digest(conversations, ["messages", "row", "part"])).encode()).hexdigest()
 
 
@@ -218,7 +155,8 @@ def _load_entry(path: Path) -> Any | None:
 
 
 def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None, max_length: int,
-                   truncation: str, num_proc: int | None = None, cache: bool = True,
+                   truncation: str, labelling: Mapping[str, Any] | None = None, num_proc: int | None = None,
+                   cache: bool = True,
                    description: str = "Tokenising") -> Any:
     """Encode an Arrow dataset of conversations (``messages``, ``row``, ``part``) into one encoded row each.
 
@@ -228,6 +166,7 @@ def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None
         chat_template: Overrides the tokenizer's template.
         max_length: Longest example; see ``truncation`` (``cut`` or ``drop``).
         truncation: ``cut`` keeps the first ``max_length`` tokens, ``drop`` marks the row dropped.
+        labelling: ``stop_tokens``, ``masking`` and ``train_reasoning`` for ``encode_conversation``.
         num_proc: Worker processes for large data.
         cache: Serve and store the result under ``$LIGHTNING_FT_CACHE/encoded`` (validated before use).
         description: The progress line's label.
@@ -236,7 +175,8 @@ def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None
         A memory-mapped dataset with ``input_ids``, ``labels``, ``length``, ``trained``, ``lost``,
         ``truncated``, ``status``, ``error``, ``row`` and ``part`` per conversation, in order.
     """
-    key = encoding_key(conversations, tokenizer, chat_template, max_length, truncation) if cache else None
+    labelling = dict(labelling or {})
+    key = encoding_key(conversations, tokenizer, chat_template, max_length, truncation, labelling) if cache else None
     target = cache_dir() / "encoded" / key if key else None
     if target is not None and (hit := _load_entry(target)) is not None:
         return hit
@@ -250,7 +190,7 @@ def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None
             remove_columns=conversations.column_names, cache_file_name=str(staging / "data.arrow"),
             new_fingerprint=(key or os.urandom(16).hex())[:32],
             fn_kwargs={"tokenizer": tokenizer, "chat_template": chat_template, "max_length": max_length,
-                       "truncation": truncation, "fast": offsets_are_exact(tokenizer)})
+                       "truncation": truncation, "labelling": labelling})
         if target is not None and not bool(pc.any(pc.equal(encoded.data.column("status"), TEMPLATE_ERROR)).as_py()):
             _store(target, staging, encoded)
     finally:

@@ -120,7 +120,8 @@ class SourceData:
         dataset = self.dataset if dataset is None else dataset
         if dataset is None:
             return []
-        return [Conversation(tuple(Message(role=m["role"], content=m["content"]) for m in record["messages"]),
+        return [Conversation(tuple(Message(**{k: v for k, v in m.items() if v is not None})  # type: ignore[typeddict-item]
+                                   for m in record["messages"]),
                              self.location(record["part"], record["row"])) for record in dataset]
 
 
@@ -325,7 +326,7 @@ def _unicode_checked(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any
 def _features() -> Any:
     from datasets import Features, List, Value
 
-    return Features({"messages": List({"role": Value("string"), "content": Value("string")}),
+    return Features({"messages": List({"role": Value("string"), "content": Value("string"), "train": Value("bool")}),
                      "problems": List(Value("string")), "row": Value("int64"), "part": Value("int32")})
 
 
