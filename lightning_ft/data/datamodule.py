@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_ft.data.batching import BatchingChoice, choose_batching
 from lightning_ft.data.checks import lint_conversations
-from lightning_ft.data.collate import ChatCollator
+from lightning_ft.data.collate import MASKING, ChatCollator
 from lightning_ft.data.encode import DROPPED, KEPT, NO_LABELS, TEMPLATE_ERROR, encode_dataset
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem
 from lightning_ft.data.mixture import ExampleView, MixtureDataset, SourceTaggingCollator, per_epoch
