@@ -20,6 +20,7 @@ _EXPORTS = {
     "QLoRA": "lightning_ft.adapters",
     "RunReport": "lightning_ft.callbacks.run_report",
     "SaveHFModel": "lightning_ft.callbacks.export",
+    "Source": "lightning_ft.data.sources",
     "TaskEval": "lightning_ft.callbacks.task_eval",
     "TensorBoardDashboard": "lightning_ft.callbacks.dashboard",
     "encode_conversation": "lightning_ft.data.collate",
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from lightning_ft.callbacks.run_report import RunReport
     from lightning_ft.data.collate import encode_conversation
     from lightning_ft.data.datamodule import ChatDataModule
+    from lightning_ft.data.sources import Source
     from lightning_ft.generation import generate, load_for_generation
     from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
     from lightning_ft.module import FineTuneModule

@@ -14,7 +14,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_ft.callbacks.cost import CostMeter
-from lightning_ft.data.formats import read_conversations
+from lightning_ft.data.sources import read_conversations_from
 from lightning_ft.generation import generate
 
 Metric = Literal["exact", "regex", "json", "contains"]
@@ -262,7 +262,7 @@ class TaskEval(pl.Callback):
         return loaded
 
     def _read_items(self) -> list[TaskItem]:
-        conversations = read_conversations(self.data_path, system_prompt=self.system_prompt)
+        conversations = read_conversations_from(self.data_path, system_prompt=self.system_prompt)
         items, problems = [], []
         for conversation in conversations[: self.max_items]:
             last = max(i for i, m in enumerate(conversation.messages) if m["role"] == "assistant")

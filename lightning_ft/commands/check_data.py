@@ -30,7 +30,8 @@ from lightning_ft.data.checks import (
     prompt_text,
     token_checks,
 )
-from lightning_ft.data.formats import Conversation, scan_file
+from lightning_ft.data.formats import Conversation
+from lightning_ft.data.sources import read_source
 
 PROG = "lightning_ft check-data"
 _SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
@@ -162,10 +163,12 @@ def build_report(cli: Any, options: Any) -> dict[str, Any] | str:
     try:
         data, problems = data_module.scan()
         for name, path, system_prompt in held_out:
-            extra[name], found = scan_file(path, data_module.format, system_prompt)
-            problems += found
+            held = read_source(path, data_module.format, system_prompt)
+            extra[name] = held.conversations()
+            problems += held.problems
     except RecursionError:  # json raises it, not JSONDecodeError, for absurdly nested values
-        paths = [data_module.train_path, data_module.val_path] + [path for _, path, _ in held_out]
+        paths = [s.path for s in data_module.training_sources()] + [data_module.val_path] + [
+            path for _, path, _ in held_out]
         return _too_deep([path for path in paths if path is not None])
     findings = [problem_finding(problem) for problem in problems]
     unreadable = [f"{f.location}: {f.message}" for f in findings if f.code == "unreadable-file"]
@@ -195,7 +198,8 @@ def build_report(cli: Any, options: Any) -> dict[str, Any] | str:
     return {
         "ok": counts["error"] == 0,
         "counts": {severity: counts[severity] for severity in _SEVERITY_ORDER},
-        "files": {"train": data_module.train_path, "val": data_module.val_path,
+        "files": {"train": ", ".join(s.label for s in data_module.training_sources()) or None,
+                  "val": data_module.val_path,
                   **{name: path for name, path, _ in held_out}},
         "max_length": data_module.max_length,
         "stats": stats,

@@ -12,6 +12,7 @@ from lightning_ft.data.collate import (
     truncate_example,
 )
 from lightning_ft.data.datamodule import ChatDataModule
+from lightning_ft.data.sources import Source, read_source
 from lightning_ft.data.formats import (
     FORMATS,
     ROLES,
@@ -38,6 +39,7 @@ __all__ = [
     "EmptyLabelsError",
     "Message",
     "TemplateRefusedError",
+    "Source",
     "check_conversation",
     "choose_batching",
     "collate",
@@ -45,6 +47,7 @@ __all__ = [
     "encode_conversation",
     "mark_trained",
     "read_conversations",
+    "read_source",
     "scan_file",
     "truncate_example",
 ]

@@ -1,40 +1,44 @@
-"""The LightningDataModule: chat data files -> checked conversations -> labelled examples -> batches."""
+"""The LightningDataModule: data sources -> checked conversations -> labelled examples (Arrow) -> batches."""
 
 from __future__ import annotations
 
 import os
 import random
+import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lightning_ft.data.collate import (
-    MASKING,
-    ChatCollator,
-    EmptyLabelsError,
-    Example,
-    count_trained,
-    encode_conversation,
-    truncate_example,
-)
 from lightning_ft.data.batching import BatchingChoice, choose_batching
-from lightning_ft.data.cache import encoding_key
-from lightning_ft.data.cache import load as load_encoded
-from lightning_ft.data.cache import save as save_encoded
 from lightning_ft.data.checks import lint_conversations
+from lightning_ft.data.collate import MASKING, ChatCollator
+from lightning_ft.data.encode import DROPPED, KEPT, NO_LABELS, TEMPLATE_ERROR, encode_dataset
+from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem
+from lightning_ft.data.mixture import ExampleView, MixtureDataset, SourceTaggingCollator, per_epoch
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
-from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem, scan_file
+from lightning_ft.data.sources import Source, SourceData, as_source, read_source
 from lightning_ft.models import generation_stop_ids, load_tokenizer
-from lightning_ft.progress import StageProgress
 
 #: The general conversations shipped for replay (200, written for the package).
 DEFAULT_REPLAY = str(Path(__file__).resolve().parents[1] / "benchmarks" / "general_chat.jsonl")
 _STAT_KEYS = ("conversations", "train_conversations", "val_conversations", "tokens", "trained_tokens",
               "truncated", "trained_tokens_lost", "dropped")
+
+
+def _joined(parts: list[ExampleView]) -> ExampleView:
+    """One view over several sources' examples, in order (Arrow tables concatenated, nothing copied)."""
+    import datasets
+
+    present = [part.dataset for part in parts if part.dataset is not None]
+    if len(present) < 2:
+        return ExampleView(present[0] if present else None)
+    return ExampleView(datasets.concatenate_datasets(present))
 
 
 def _is_int(value: Any) -> bool:
@@ -45,9 +49,15 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
     """Every invalid constructor argument, as ``key=value: what is allowed``."""
     checks = {
         "train_path": (args["train_path"] is None or isinstance(args["train_path"], (str, os.PathLike)),
-                       "must be a path to a .jsonl or .json file, or None"),
+                       "must be a data file (.jsonl, .json, .parquet, .csv, .arrow), a glob, a saved dataset "
+                       "directory or a Hub id, or None"),
         "val_path": (args["val_path"] is None or isinstance(args["val_path"], (str, os.PathLike)),
-                     "must be a path to a .jsonl or .json file, or None"),
+                     "must be a data file (.jsonl, .json, .parquet, .csv, .arrow), a glob, a saved dataset "
+                     "directory or a Hub id, or None"),
+        "sources": (args["sources"] is None or (isinstance(args["sources"], (list, tuple)) and all(
+            isinstance(s, (Source, str, os.PathLike)) for s in args["sources"])), "must be a list of sources"),
+        "num_proc": (args["num_proc"] is None or (_is_int(args["num_proc"]) and args["num_proc"] >= 1),
+                     "must be an integer >= 1, or None"),
         "val_fraction": (isinstance(args["val_fraction"], (int, float)) and not isinstance(args["val_fraction"], bool)
                          and 0.0 <= args["val_fraction"] < 1.0, "must be a number in [0, 1)"),
         "tokenizer": (args["tokenizer"] is None or isinstance(args["tokenizer"], str),
@@ -81,6 +91,10 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
                          and 0.0 <= args["replay_ratio"] < 1.0, "must be a number in [0, 1)"),
     }
     problems = [f"{key}={args[key]!r}: {allowed}" for key, (ok, allowed) in checks.items() if not ok]
+    if checks["sources"][0] and args["sources"]:
+        problems += [f"sources: {p}" for s in args["sources"] for p in as_source(s).problems()]
+        if args["train_path"] is not None:
+            problems.append(f"train_path={args['train_path']!r}: set train_path or sources, not both")
     if args["val_path"] is not None and checks["val_fraction"][0] and args["val_fraction"] > 0:
         problems.append(f"val_fraction={args['val_fraction']!r}: must be 0 when val_path is set "
                         "(use a validation file or a split of the training file, not both)")
@@ -101,9 +115,11 @@ class ChatDataModule(LightningDataModule):
     :attr:`stats`.
 
     Args:
-        train_path: Training data, ``.jsonl`` (one record per line) or ``.json`` (a list of records).
-        val_path: Validation data in the same formats. Leave unset to split ``val_fraction`` off the
-            training data instead.
+        train_path: Training data: a ``.jsonl`` (one record per line), ``.json`` (a list of records),
+            ``.parquet``, ``.csv`` or ``.arrow`` file, a glob of them, a ``Dataset.save_to_disk`` directory or a
+            Hugging Face Hub dataset id. Shorthand for ``sources`` with one source.
+        val_path: Validation data from any of the same kinds of source. Leave unset to split ``val_fraction``
+            off the training data instead.
         val_fraction: Share of training conversations held out for validation (seeded) when there is
             no ``val_path``; 0 for no validation.
         tokenizer: Model spec whose tokenizer to use; the CLI links it from the model's ``model_name``.
@@ -127,9 +143,9 @@ class ChatDataModule(LightningDataModule):
         group_by_length: Without packing, batch conversations of similar length together (seeded: sorted
             within windows of 50 batches, then the batches shuffled), so less of each batch is padding.
             ``auto`` groups when batches are not packed and would be more than 10% padding.
-        encode_cache: Keep encoded conversations on disk (``$LIGHTNING_FT_CACHE/encoded``), keyed by their
-            content, the tokenizer, the chat template, the truncation and labelling settings, so later runs on
-            the same data skip tokenising.
+        encode_cache: Keep encoded conversations on disk as Arrow (``$LIGHTNING_FT_CACHE/encoded``), keyed by
+            their content, the tokenizer, the chat template, the truncation and labelling settings, so later
+            runs on the same data skip tokenising; an entry is checked (rows, lengths, token checksum) before use.
         num_workers: DataLoader worker processes.
         seed: Seeds the validation split, the training shuffle and the replay draws.
         replay_path: General conversations mixed into training to keep what the base model knew (replay);
@@ -147,6 +163,12 @@ class ChatDataModule(LightningDataModule):
             it (templates that strip it from earlier turns leave it out there); ``false`` trains answers only.
         checks: Data checks before training: ``warn`` prints duplicates, leakage and inconsistencies once,
             ``strict`` stops on them like on bad records, ``off`` skips them (bad records always stop a run).
+        sources: Training sources of a mixture (instead of ``train_path``), each a
+            :class:`~lightning_ft.data.sources.Source` with a ``weight`` or ``count`` (or neither: used whole),
+            a name, a subset/split/revision for Hub data and a column mapping. ``val_fraction`` holds out that
+            share of every source. Each source's share of the examples trained on is logged as
+            ``train/source_share/<name>``.
+        num_proc: Worker processes that read and tokenise large sources (``None``: one process).
 
     Example::
 
@@ -178,6 +200,8 @@ class ChatDataModule(LightningDataModule):
         masking: Literal["assistant", "last_assistant", "all"] = "assistant",
         stop_tokens: list[int | str] | None = None,
         train_reasoning: bool = True,
+        sources: list[Source] | None = None,
+        num_proc: int | None = None,
     ) -> None:
         super().__init__()
         args = dict(locals())
@@ -206,36 +230,53 @@ class ChatDataModule(LightningDataModule):
         self.masking = masking
         self.stop_tokens = None if stop_tokens is None else list(stop_tokens)
         self.train_reasoning = train_reasoning
+        self.sources = None if sources is None else [as_source(source) for source in sources]
+        self.num_proc = num_proc
         #: A ready tokenizer object; when set it is used instead of loading ``tokenizer``.
         self.tokenizer_obj: Any = None
         #: Counts from :meth:`setup`: conversations, tokens, trained tokens, truncated, dropped.
         self.stats: dict[str, int] = {}
-        self.train_examples: list[Example] = []
-        self.val_examples: list[Example] = []
-        self.replay_examples: list[Example] = []
+        #: The encoded training, validation and replay examples: sequences of ``{"input_ids", "labels"}`` read
+        #: from memory-mapped Arrow data.
+        self.train_examples = ExampleView()
+        self.val_examples = ExampleView()
+        self.replay_examples = ExampleView()
+        self._sources_read: dict[str, Any] | None = None
+        self._mixture: list[tuple[str, ExampleView, int | None, bool]] = []
+        self._replay_per_epoch = 0
+        self._source_counts = torch.zeros(0, dtype=torch.long)
         self._resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
+    def training_sources(self) -> list[Source]:
+        """The training sources: ``sources``, or ``train_path`` as one source (replay not included)."""
+        if self.sources:
+            return [as_source(source) for source in self.sources]
+        return [Source(self.train_path)] if self.train_path is not None else []
+
+    def _read(self) -> dict[str, Any]:
+        """Every source read into Arrow once: ``{"train": [SourceData...], "val": SourceData | None}``."""
+        if self._sources_read is None:
+            if not self.training_sources() and self.val_path is None:
+                raise ValueError("ChatDataModule has no data: set train_path (a data file, glob, saved dataset or "
+                                 "Hub id) or sources.")
+            read = partial(read_source, format=self.format, system_prompt=self.system_prompt, num_proc=self.num_proc)
+            self._sources_read = {"train": [read(source) for source in self.training_sources()],
+                                  "val": read(self.val_path) if self.val_path is not None else None}
+        return self._sources_read
+
     def scan(self) -> tuple[dict[str, list[Conversation]], list[DataProblem]]:
-        """Read the files without raising on bad records: the good conversations per file and every problem.
+        """Read the sources without raising on bad records: the good conversations and every problem.
 
         Returns:
-            ``{"train": [...], "val": [...]}`` (only the files that are set; see :meth:`split` for the
-            validation split) and the problems in file order.
+            ``{"train": [...], "val": [...]}`` (every training source, then the validation source, where set;
+            see :meth:`split` for the validation split) and the problems in source order.
         """
-        if self.train_path is None and self.val_path is None:
-            raise ValueError("ChatDataModule has no data: set train_path (a .jsonl or .json file).")
-        data, problems = {}, []
-        for split, path in (("train", self.train_path), ("val", self.val_path)):
-            if path is not None:
-                data[split], found = scan_file(path, self.format, self.system_prompt)
-                problems += found
-        return data, problems
-
-    def _read_files(self) -> dict[str, list[Conversation]]:
-        data, problems = self.scan()
-        if problems:
-            raise DataError(problems)
-        return data
+        read = self._read()
+        parts = [("train", part) for part in read["train"]] + ([("val", read["val"])] if read["val"] else [])
+        data: dict[str, list[Conversation]] = {}
+        for split, part in parts:
+            data.setdefault(split, []).extend(part.conversations())
+        return data, [problem for _, part in parts for problem in part.problems]
 
     def prepare_data(self) -> None:
         """Read, check and encode everything before Lightning creates any log directory.
@@ -246,18 +287,24 @@ class ChatDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         self.setup(trainer.state.fn if trainer is not None else None)
 
+    def _held_out(self, size: int, seed: int) -> set[int]:
+        """The seeded ``val_fraction`` of ``size`` conversations held out for validation."""
+        if self.val_path is not None or self.val_fraction == 0 or not size:
+            return set()
+        held_out = max(1, round(size * self.val_fraction))
+        if held_out >= size:
+            raise ValueError(f"val_fraction={self.val_fraction} of {size} training conversations leaves "
+                             "none to train on: lower it or set val_path.")
+        order = list(range(size))
+        random.Random(seed).shuffle(order)
+        return set(order[:held_out])
+
     def split(self, data: dict[str, list[Conversation]]) -> tuple[list[Conversation], list[Conversation]]:
         """Training and validation conversations: the files as read, or a seeded ``val_fraction`` split."""
         train, val = data.get("train", []), data.get("val", [])
-        if self.val_path is not None or self.val_fraction == 0 or not train:
+        chosen = self._held_out(len(train), self.seed)
+        if not chosen:
             return train, val
-        held_out = max(1, round(len(train) * self.val_fraction))
-        if held_out >= len(train):
-            raise ValueError(f"val_fraction={self.val_fraction} of {len(train)} training conversations leaves "
-                             "none to train on: lower it or set val_path.")
-        order = list(range(len(train)))
-        random.Random(self.seed).shuffle(order)
-        chosen = set(order[:held_out])
         return ([c for i, c in enumerate(train) if i not in chosen], [c for i, c in enumerate(train) if i in chosen])
 
     def _load_tokenizer(self) -> Any:
@@ -278,8 +325,6 @@ class ChatDataModule(LightningDataModule):
 
     def _check(self, train: list[Conversation], val: list[Conversation]) -> None:
         """Model-free data checks: warnings printed once (rank zero), or raised with ``checks="strict"``."""
-        if self.checks == "off":
-            return
         findings = [f for f in lint_conversations({"train": train, "val": val}) if f.severity != "info"]
         if not findings:
             return
@@ -290,80 +335,78 @@ class ChatDataModule(LightningDataModule):
                        "(`lightning_ft check-data` with the same arguments shows the full report; "
                        "data.checks=strict stops on them):\n  " + "\n  ".join(shown))
 
-    def _encode(self, conversations: list[Conversation], tokenizer: Any, stats: dict[str, int],
-                errors: list[str]) -> list[Example]:
-        """:meth:`_encode_uncached` through the disk cache (entries are written only for error-free encodings)."""
-        if not conversations:
-            return []
-        key = None
-        if self.encode_cache:
-            key = encoding_key(conversations, tokenizer, self.chat_template, self.max_length, self.truncation,
-                               self.labelling())
-        hit = load_encoded(key) if key else None
-        if hit is not None:
-            examples, counts = hit
-        else:
-            counts, found = dict.fromkeys(_STAT_KEYS, 0), []
-            examples = self._encode_uncached(conversations, tokenizer, counts, found)
-            errors += found
-            if key and not found:
-                save_encoded(key, examples, counts)
-        for name, value in counts.items():
-            stats[name] += value
-        return examples
+    def _encode(self, part: SourceData, conversations: Any, tokenizer: Any, stats: dict[str, int],
+                errors: list[str]) -> ExampleView:
+        """Encode (or fetch from the cache) one source's conversations; counts into ``stats``, bad rows into
+        ``errors``; a template that cannot render stops at once."""
+        if conversations is None or not len(conversations):
+            return ExampleView()
+        started = time.perf_counter()
+        encoded = encode_dataset(conversations, tokenizer, self.chat_template, self.max_length, self.truncation,
+                                 self.labelling(), self.num_proc, self.encode_cache,
+                                 f"Tokenising {part.source.display_name()}")
+        table = encoded.data
+        column = {name: table.column(name).to_numpy(zero_copy_only=False)
+                  for name in ("status", "length", "trained", "lost", "truncated")}
+        kept = column["status"] == KEPT
+        stats["tokens"] += int(column["length"][kept].sum())
+        stats["trained_tokens"] += int(column["trained"][kept].sum())
+        stats["truncated"] += int(column["truncated"].sum())
+        stats["trained_tokens_lost"] += int(column["lost"].sum())
+        stats["dropped"] += int((column["status"] == DROPPED).sum())
+        failed = np.flatnonzero((column["status"] == NO_LABELS) | (column["status"] == TEMPLATE_ERROR))
+        for row in encoded.select(failed).select_columns(["status", "error", "row", "part"]):
+            message = f"{part.location(row['part'], row['row'])}: {row['error']}"
+            if row["status"] == TEMPLATE_ERROR:
+                raise ValueError(message)
+            errors.append(message)
+        rank_zero_info(f"Encoded {len(encoded):,} conversations of {part.source.label} in "
+                       f"{time.perf_counter() - started:.1f}s")
+        return ExampleView(encoded.select(np.flatnonzero(kept)).select_columns(["input_ids", "labels", "length"]))
 
-    def _encode_uncached(self, conversations: list[Conversation], tokenizer: Any, stats: dict[str, int],
-                         errors: list[str]) -> list[Example]:
-        """Tokenise, truncate and count; conversations that train nothing go to ``errors``."""
-        examples = []
-        progress = StageProgress("Tokenising", total=len(conversations), unit="conversations")
-        for conversation in conversations:
-            progress.advance()
-            try:
-                example = encode_conversation(conversation.messages, tokenizer, chat_template=self.chat_template,
-                                              **self.labelling())
-            except EmptyLabelsError as error:
-                errors.append(f"{conversation.source}: {error}")
+    def _split_sources(self) -> tuple[list[tuple[SourceData, Any]], list[tuple[SourceData, Any]]]:
+        """``(source, conversations)`` for training and for validation (a file, or held out of every source)."""
+        read = self._read()
+        train, val = [], []
+        for number, part in enumerate(read["train"]):
+            if part.dataset is None:
                 continue
-            except ValueError as error:  # a template problem, the same for every conversation: stop here
-                raise ValueError(f"{conversation.source}: {error}") from error
-            trained = count_trained(example["labels"])
-            kept = truncate_example(example, self.max_length, self.truncation)
-            if kept is None:
-                stats["dropped"] += 1
-                continue
-            if kept is not example:
-                stats["truncated"] += 1
-                stats["trained_tokens_lost"] += trained - count_trained(kept["labels"])
-                if not count_trained(kept["labels"]):
-                    errors.append(f"{conversation.source}: conversation yields no trained token after truncation "
-                                  f"to max_length={self.max_length} (raise max_length, or set truncation='drop' "
-                                  "to skip such conversations)")
-                    continue
-            stats["tokens"] += len(kept["input_ids"])
-            stats["trained_tokens"] += count_trained(kept["labels"])
-            examples.append(kept)
-        progress.close()
-        return examples
+            chosen = self._held_out(len(part.dataset), self.seed + number)
+            if chosen:
+                val.append((part, part.dataset.select(sorted(chosen))))
+                part_train = part.dataset.select([i for i in range(len(part.dataset)) if i not in chosen])
+            else:
+                part_train = part.dataset
+            train.append((part, part_train))
+        if read["val"] is not None and read["val"].dataset is not None:
+            val.append((read["val"], read["val"].dataset))
+        return train, val
 
     def setup(self, stage: str | None = None) -> None:
         """Load the tokenizer, read, split, tokenise and truncate everything once; log a one-line report."""
         if self.stats:
             return  # already encoded for an earlier stage
-        files = self._read_files()  # data problems first: they need no tokenizer
-        if self.train_path is None and stage in (None, "fit"):
-            raise ValueError("ChatDataModule has no training data: set train_path (a .jsonl or .json file).")
+        problems = [problem for part in self._parts_read() for problem in part.problems]
+        if problems:
+            raise DataError(problems)  # data problems first: they need no tokenizer
+        if not self.training_sources() and stage in (None, "fit"):
+            raise ValueError("ChatDataModule has no training data: set train_path (a data file, glob, saved "
+                             "dataset or Hub id) or sources.")
         tokenizer = self._load_tokenizer()
-        train, val = self.split(files)
-        self._check(train, val)
+        train, val = self._split_sources()
+        if self.checks != "off":
+            self._check([c for part, ds in train for c in part.conversations(ds)],
+                        [c for part, ds in val for c in part.conversations(ds)])
         stats = dict.fromkeys(_STAT_KEYS, 0)
         errors: list[str] = []
-        self.train_examples = self._encode(train, tokenizer, stats, errors)
-        self.val_examples = self._encode(val, tokenizer, stats, errors)
+        trained = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in train]
+        val_parts = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in val]
         self.replay_examples = self._encode_replay(tokenizer, errors)
         if errors:
             raise DataError(errors)
-        if train and not self.train_examples:
+        self._mix([part.source for part, _ in train], trained)
+        self.val_examples = _joined(val_parts)
+        if train and not len(self.train_examples):
             raise ValueError(f"Every training conversation is longer than max_length={self.max_length} and "
                              "truncation='drop' dropped them all: raise max_length or use truncation='cut'.")
         stats.update(train_conversations=len(self.train_examples), val_conversations=len(self.val_examples),
@@ -371,6 +414,27 @@ class ChatDataModule(LightningDataModule):
         stats.update(replay_conversations=len(self.replay_examples), replay_per_epoch=self.replay_per_epoch())
         self.stats = stats
         self._report()
+
+    def _parts_read(self) -> list[SourceData]:
+        read = self._read()
+        return read["train"] + ([read["val"]] if read["val"] is not None else [])
+
+    def _mix(self, sources: list[Source], parts: list[ExampleView]) -> None:
+        """The training mixture: sources used whole first, then the drawn ones (replay first among them)."""
+        self.train_examples = _joined(parts)
+        plan = per_epoch(sources, [len(part) for part in parts])
+        names = [source.display_name() for source in sources]
+        whole = [i for i, n in enumerate(plan) if n is None]
+        drawn = [i for i, n in enumerate(plan) if n is not None]
+        self._mixture = [(names[i], parts[i], None, False) for i in whole]
+        if self.replay_examples:
+            task = sum(len(part) if n is None else n for part, n in zip(parts, plan))
+            self._replay_per_epoch = max(1, round(task * self.replay_ratio / (1.0 - self.replay_ratio)))
+            self._mixture.append(("replay", self.replay_examples, self._replay_per_epoch, True))
+        self._mixture += [(names[i], parts[i], plan[i], False) for i in drawn]
+        empty = [names[i] for i in drawn if not len(parts[i])]
+        if empty:
+            raise ValueError(f"Source {empty[0]!r} has no example left after encoding: nothing to draw from")
 
     def replay_file(self) -> str | None:
         """The replay data file in use (the shipped default when ``replay_path`` is unset), or ``None``."""
@@ -380,26 +444,20 @@ class ChatDataModule(LightningDataModule):
 
     def replay_per_epoch(self) -> int:
         """Replay conversations mixed into each training epoch: ``ratio / (1 - ratio)`` per task conversation."""
-        if not self.replay_examples:
-            return 0
-        return max(1, round(len(self.train_examples) * self.replay_ratio / (1.0 - self.replay_ratio)))
+        return self._replay_per_epoch if self.replay_examples else 0
 
-    def _encode_replay(self, tokenizer: Any, errors: list[str]) -> list[Example]:
-        """Read and encode the replay pool; every example (task and replay) is marked for the loss logging."""
+    def _encode_replay(self, tokenizer: Any, errors: list[str]) -> ExampleView:
+        """Read and encode the replay pool (shorthand for a mixture source drawn at ``replay_ratio``)."""
         path = self.replay_file()
         if path is None:
-            return []
-        conversations, problems = scan_file(path, self.format, self.system_prompt)
-        if problems:
-            raise DataError(problems)
+            return ExampleView()
+        part = read_source(Source(path, name="replay"), self.format, self.system_prompt, self.num_proc)
+        if part.problems:
+            raise DataError(part.problems)
         replay_stats = dict.fromkeys(_STAT_KEYS, 0)
-        replay = self._encode(conversations, tokenizer, replay_stats, errors)
-        if not replay:
+        replay = self._encode(part, part.dataset, tokenizer, replay_stats, errors)
+        if not len(replay):
             raise ValueError(f"{path}: no replay conversation is left after encoding (max_length={self.max_length})")
-        for example in self.train_examples:
-            example["replay"] = [0]
-        for example in replay:
-            example["replay"] = [1]
         return replay
 
     def _report(self) -> None:
@@ -425,7 +483,7 @@ class ChatDataModule(LightningDataModule):
         :func:`~lightning_ft.data.batching.choose_batching` (asking the trainer's LightningModule whether its
         attention packs natively: ``supports_packing()``)."""
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        lengths = [len(e["input_ids"]) for e in self.train_examples + self.replay_examples]
+        lengths = [n for _, part, _, _ in self._mixture for n in part.lengths()]  # from Arrow, no rows read
 
         def packs_natively() -> bool:
             return bool(hasattr(module, "supports_packing") and module.supports_packing())
@@ -438,30 +496,22 @@ class ChatDataModule(LightningDataModule):
         """Whether batches are packed (see :meth:`batching`)."""
         return self.batching().mode == "packed"
 
-    def _loader(self, examples: list[Example], shuffle: bool, replay: list[Example] | None = None,
-                choice: BatchingChoice | None = None) -> DataLoader:
-        # Seeded per epoch (seed + epoch): reproducible, different every epoch, and resumable mid-epoch.
-        replay = replay or []
-        choice = choice or self.batching()
+    def _loader(self, dataset: MixtureDataset, sampler: ResumableSampler, choice: BatchingChoice) -> DataLoader:
         packed = choice.mode == "packed"
-        lengths = [len(e["input_ids"]) for e in examples + replay] if choice.mode == "grouped" else None
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)
         # One row per batch when the attention keeps packed conversations apart itself; else rows of max_length,
         # as a dense block-diagonal mask costs quadratically in the row length.
         whole_batch = packed and bool(getattr(module, "packs_natively", lambda: False)())
         pack_length = self.max_length * (self.batch_size if whole_batch else 1)
-        sampler = ResumableSampler(len(examples), seed=self.seed, shuffle=shuffle, replay_size=len(replay),
-                                   replay_per_epoch=self.replay_per_epoch() if replay else 0,
-                                   lengths=lengths, batch_size=self.batch_size)
+        collate = ChatCollator(self._pad_token_id(), self.pad_to_multiple_of, pack_length=pack_length if packed else None)
         return ResumableDataLoader(
-            examples + replay,
+            dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
             # run's dropout masks would drift from the uninterrupted run's.
             generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=ChatCollator(self._pad_token_id(), self.pad_to_multiple_of,
-                                    pack_length=pack_length if packed else None),
+            collate_fn=SourceTaggingCollator(collate) if len(dataset.parts) > 1 else collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -472,7 +522,15 @@ class ChatDataModule(LightningDataModule):
             raise ValueError("No training data: set train_path and call setup('fit') first.")
         choice = self.batching()
         rank_zero_info(str(choice))
-        loader = self._loader(self.train_examples, shuffle=True, replay=self.replay_examples, choice=choice)
+        # Seeded per epoch (seed + epoch): reproducible, different every epoch, and resumable mid-epoch.
+        dataset = MixtureDataset([part for _, part, _, _ in self._mixture],
+                                 replay=[replay for _, _, _, replay in self._mixture])
+        whole = sum(len(part) for _, part, n, _ in self._mixture if n is None)
+        pools = [(len(part), n) for _, part, n, _ in self._mixture if n is not None]
+        lengths = dataset.lengths() if choice.mode == "grouped" else None
+        sampler = ResumableSampler(whole, seed=self.seed, shuffle=True, pools=pools, lengths=lengths,
+                                   batch_size=self.batch_size)
+        loader = self._loader(dataset, sampler, choice)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             epoch, done = self._resume_position or (trainer.current_epoch,
@@ -485,6 +543,24 @@ class ChatDataModule(LightningDataModule):
                 else:
                     loader.sampler.resume_at(epoch, done * self.batch_size)
         return loader
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Take the mixture's ``source_ids`` off the batch and log each source's share of the examples seen
+        (``train/source_share/<name>``, over the last ``log_every_n_steps`` batches)."""
+        sources = batch.pop("source_ids", None) if isinstance(batch, dict) else None
+        trainer = getattr(self, "trainer", None)
+        if sources is None or trainer is None or not trainer.training:
+            return batch
+        if len(self._source_counts) != len(self._mixture):
+            self._source_counts = torch.zeros(len(self._mixture), dtype=torch.long)
+        self._source_counts += torch.bincount(sources, minlength=len(self._mixture))[: len(self._mixture)]
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0 and trainer.loggers:
+            shares = self._source_counts / self._source_counts.sum().clamp(min=1)
+            metrics = {f"train/source_share/{name}": float(share) for (name, *_), share in zip(self._mixture, shares)}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            self._source_counts.zero_()
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in the data: the epoch and the batches of it already trained on.
@@ -504,7 +580,10 @@ class ChatDataModule(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in file order, or ``[]`` when there is no validation data."""
-        return self._loader(self.val_examples, shuffle=False) if self.val_examples else []
+        if not self.val_examples:
+            return []
+        return self._loader(MixtureDataset([self.val_examples]),
+                            ResumableSampler(len(self.val_examples), seed=self.seed, shuffle=False), self.batching())
 
     def test_dataloader(self) -> DataLoader | list:
         """The validation data."""

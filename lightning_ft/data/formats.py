@@ -61,32 +61,33 @@ class DataProblem:
 
     Attributes:
         path: The file as the user named it.
-        line: 1-based line (JSONL) or record index (JSON list); ``None`` for a whole-file problem.
+        line: 1-based line (JSONL), 1-based record (JSON list) or 0-based row index (Parquet, CSV, Arrow, saved
+            and Hub datasets, as in ``dataset[row]``); ``None`` for a whole-file problem.
         field: The field path inside the record, e.g. ``messages[2].role``; ``None`` for the record.
         message: What is wrong and, where it helps, what is allowed.
-        unit: ``"line"`` or ``"record"``: what ``line`` counts.
+        unit: ``"line"``, ``"record"`` or ``"row"``: what ``line`` counts.
     """
 
     path: str
     line: int | None
     field: str | None
     message: str
-    unit: Literal["line", "record"] = "line"
+    unit: Literal["line", "record", "row"] = "line"
 
     @property
     def location(self) -> str:
-        """``path:line`` for JSONL, ``path:record N`` for a JSON list, the path alone for a file."""
-        return _location(self.path, self.line, self.unit)
+        """``path:line`` for JSONL, ``path:record N`` for a JSON list, ``path:row N`` for a table, else the path."""
+        return format_location(self.path, self.line, self.unit)
 
     def __str__(self) -> str:
         field = f" {self.field}:" if self.field else ""
         return f"{self.location}:{field} {self.message}"
 
 
-def _location(path: str, line: int | None, unit: str) -> str:
+def format_location(path: str, line: int | None, unit: str) -> str:
     if line is None:
         return path
-    return f"{path}:{line}" if unit == "line" else f"{path}:record {line}"
+    return f"{path}:{line}" if unit == "line" else f"{path}:{unit} {line}"
 
 
 class DataError(ValueError):
@@ -285,7 +286,7 @@ def detect_format(record: Mapping[str, Any]) -> str | None:
 _Loaded = tuple[list[tuple[int, Any]], Literal["line", "record"], list[DataProblem]]
 
 
-def _load_records(path: str) -> _Loaded:
+def load_records(path: str) -> _Loaded:
     """Parse a file into numbered records; a file-level problem comes back with no records."""
     file = Path(path).expanduser()
 
@@ -350,7 +351,7 @@ def _resolve_format(path: str, records: list[tuple[int, Any]], format: str) -> t
                                                 f"of one (first record's fields: {keys}; formats need {needs})")]
 
 
-def _convert(record: Any, format: str,
+def convert_record(record: Any, format: str,
              system_prompt: str | None) -> tuple[list[dict[str, Any]], list[tuple[str | None, str]]]:
     """Turn one parsed record into messages, or problems as ``(field, text)``."""
     if not isinstance(record, dict):
@@ -392,7 +393,7 @@ def scan_file(path: str | Path, format: FormatName = "auto",
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"format={format!r} is not one of: auto, {', '.join(FORMATS)}")
     path = str(path)
-    records, unit, problems = _load_records(path)
+    records, unit, problems = load_records(path)
     if not records:  # nothing parsed: an empty file, or every line is broken JSON (already reported)
         return [], problems or [DataProblem(path, None, None, "no records (the file is empty)")]
     resolved, detect_problems = _resolve_format(path, records, format)
@@ -400,11 +401,11 @@ def scan_file(path: str | Path, format: FormatName = "auto",
         return [], problems + detect_problems
     conversations = []
     for number, record in records:
-        messages, issues = _convert(record, resolved, system_prompt)
+        messages, issues = convert_record(record, resolved, system_prompt)
         problems += [DataProblem(path, number, field, text, unit) for field, text in issues]
         if messages:
             typed = tuple(Message(**message) for message in messages)  # type: ignore[typeddict-item]
-            conversations.append(Conversation(typed, _location(path, number, unit)))
+            conversations.append(Conversation(typed, format_location(path, number, unit)))
     problems.sort(key=lambda problem: problem.line or 0)
     return conversations, problems
 

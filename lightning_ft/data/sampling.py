@@ -14,26 +14,33 @@ class ResumableSampler(Sampler[int]):
     ``__len__`` stays the full epoch length while a resumed epoch yields only what is left, so
     Lightning's batch counter (restored from the checkpoint) ends the epoch at the right batch.
 
-    Replay: indices ``size .. size + replay_size - 1`` are a pool of general data of which each epoch
-    draws ``replay_per_epoch`` (a different seeded draw every epoch, without repeats until the pool is
-    used up), shuffled in among the ``size`` task examples.
+    Pools (mixture sources and replay): after the ``size`` examples used every epoch come pools of which
+    each epoch draws a fixed number (a different seeded draw every epoch, without repeats until the pool
+    is used up, more than the pool's size repeating it), shuffled in among the others. ``replay_size``
+    and ``replay_per_epoch`` are the one-pool shorthand.
 
     Args:
-        size: Number of (task) examples, all used every epoch.
+        size: Number of examples used whole every epoch (indexed first).
         seed: Base seed of the shuffle.
-        shuffle: ``False`` keeps file order (then replay examples follow the task examples).
-        replay_size: Examples in the replay pool, indexed after the task examples.
+        shuffle: ``False`` keeps index order (then drawn examples follow the whole ones).
+        replay_size: Examples in the replay pool, indexed after the ``size`` examples.
         replay_per_epoch: Replay examples mixed into every epoch.
+        pools: ``(pool size, drawn per epoch)`` of further pools, indexed after the replay pool.
         lengths: Token count of every example (task, then replay): batches of similar length are formed
             within windows of 50 batches and then shuffled, so less of each batch is padding.
         batch_size: Examples per batch, for ``lengths``.
     """
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True, replay_size: int = 0,
-                 replay_per_epoch: int = 0, lengths: list[int] | None = None, batch_size: int = 1) -> None:
+                 replay_per_epoch: int = 0, lengths: list[int] | None = None, batch_size: int = 1,
+                 pools: list[tuple[int, int]] | None = None) -> None:
         if replay_per_epoch and not replay_size:
             raise ValueError(f"replay_per_epoch={replay_per_epoch} needs a non-empty replay pool")
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.pools = ([(replay_size, replay_per_epoch)] if replay_per_epoch else []) + [
+            (pool, drawn) for pool, drawn in (pools or []) if drawn]
+        if any(pool < 1 for pool, _ in self.pools):
+            raise ValueError(f"pools={self.pools}: a pool that is drawn from must not be empty")
         self.replay_size, self.replay_per_epoch = replay_size, replay_per_epoch
         self.lengths, self.batch_size = lengths, batch_size
         self.epoch = 0
@@ -48,19 +55,20 @@ class ResumableSampler(Sampler[int]):
         self._resume = (epoch, skip) if skip > 0 else None
 
     def replay_indices(self, epoch: int) -> list[int]:
-        """The replay pool indices drawn for ``epoch``: consecutive epochs walk one seeded permutation of
-        the pool (reshuffled each time it is used up), so every replay example is seen before any repeats."""
-        if not self.replay_per_epoch:
-            return []
-        start = epoch * self.replay_per_epoch
-        cycles: dict[int, list[int]] = {}  # one seeded permutation of the pool per pass over it
-        drawn = []
-        for position in range(start, start + self.replay_per_epoch):
-            cycle, offset = divmod(position, self.replay_size)
-            if cycle not in cycles:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + cycle)
-                cycles[cycle] = torch.randperm(self.replay_size, generator=generator).tolist()
-            drawn.append(self.size + cycles[cycle][offset])
+        """The pool indices drawn for ``epoch``: consecutive epochs walk one seeded permutation of each
+        pool (reshuffled each time it is used up), so every pooled example is seen before any repeats."""
+        drawn, offset = [], self.size
+        for number, (pool, per_epoch) in enumerate(self.pools):
+            start = epoch * per_epoch
+            cycles: dict[int, list[int]] = {}  # one seeded permutation of the pool per pass over it
+            for position in range(start, start + per_epoch):
+                cycle, index = divmod(position, pool)
+                if cycle not in cycles:
+                    # The first pool keeps the seeds replay always had; later pools get their own.
+                    generator = torch.Generator().manual_seed(self.seed * 1_000_003 + cycle + number * 7_919_993)
+                    cycles[cycle] = torch.randperm(pool, generator=generator).tolist()
+                drawn.append(offset + cycles[cycle][index])
+            offset += pool
         return drawn
 
     def order(self, epoch: int) -> list[int]:
@@ -87,7 +95,7 @@ class ResumableSampler(Sampler[int]):
         return iter(order)
 
     def __len__(self) -> int:
-        return self.size + self.replay_per_epoch
+        return self.size + sum(per_epoch for _, per_epoch in self.pools)
 
 
 class ResumableDataLoader(DataLoader):

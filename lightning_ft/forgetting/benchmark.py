@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from lightning_ft.data.formats import DataProblem, _load_records
+from lightning_ft.data.formats import DataProblem, load_records
 
 #: The general-knowledge benchmark shipped with the package (359 items, 12 subjects).
 DEFAULT_BENCHMARK = str(Path(__file__).resolve().parents[1] / "benchmarks" / "general.jsonl")
@@ -109,7 +109,7 @@ def read_benchmark(path: str | Path | None = None) -> list[MCItem]:
             empty file.
     """
     path = str(DEFAULT_BENCHMARK if path is None else path)
-    records, unit, problems = _load_records(path)
+    records, unit, problems = load_records(path)
     if not records and not problems:
         problems = [DataProblem(path, None, None, "no items (the file is empty)")]
     items = []

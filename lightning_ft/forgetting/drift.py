@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from lightning_ft.data.collate import IGNORE_INDEX, collate, encode_conversation
-from lightning_ft.data.formats import Conversation, read_conversations
+from lightning_ft.data.formats import Conversation
+from lightning_ft.data.sources import read_conversations_from
 
 #: The general chat prompts shipped with the package (64 one-turn conversations).
 DEFAULT_PROMPTS = str(Path(__file__).resolve().parents[1] / "benchmarks" / "general_prompts.jsonl")
@@ -41,7 +42,7 @@ def read_prompts(paths: Sequence[str]) -> list[Conversation]:
     Raises:
         DataError: Every bad record of every file, with file, line and field.
     """
-    return [conv for path in paths for conv in read_conversations(DEFAULT_PROMPTS if path == "default" else path)]
+    return [conv for path in paths for conv in read_conversations_from(DEFAULT_PROMPTS if path == "default" else path)]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from unittest import mock
 
 import pytest
@@ -11,6 +12,7 @@ from helpers import write_chat_file, write_varied_chat_file
 
 from lightning_ft import ChatDataModule, FineTuneModule, LoRA
 from lightning_ft.attention import PER_SEQUENCE_SDPA
+from lightning_ft.data import encode as encode_module
 from lightning_ft.data.collate import IGNORE_INDEX, collate, collate_packed, pack_rows
 from lightning_ft.data.sampling import ResumableSampler
 from lightning_ft.losses import packing_is_exact
@@ -191,27 +193,44 @@ def test_length_grouped_batches_hold_similar_lengths():
     assert sampler.order(1) != order and sampler.order(1) == ResumableSampler(64, 0, lengths=lengths, batch_size=8).order(1)
 
 
-def test_encoded_data_is_cached_by_content_tokenizer_and_settings(tiny_model_dir, tmp_path, monkeypatch):
+def _tamper(entry, change):
+    """Rewrite the cached Arrow shard of ``entry`` with ``change`` applied to every row (keeping entry.json)."""
+    import datasets
+
+    [shard] = list(entry.glob("*.arrow"))
+    tampered = datasets.Dataset.from_file(str(shard)).map(change, cache_file_name=str(entry / "tampered.arrow"))
+    del tampered
+    os.replace(entry / "tampered.arrow", shard)
+
+
+def test_encoded_data_is_cached_and_checked_before_use(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path / "cache"))
     path = write_chat_file(tmp_path / "e.jsonl", 6)
+    calls = []
+    real = encode_module.encode_batch
+    monkeypatch.setattr(encode_module, "encode_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def encode(**kwargs):
+        calls.clear()
         data = ChatDataModule(path, tokenizer=tiny_model_dir, batch_size=2, **kwargs)
         data.setup("fit")
         return data
 
     first = encode()
-    entries = list((tmp_path / "cache" / "encoded").glob("*.pt"))
-    assert len(entries) == 1
-    calls = []
-    monkeypatch.setattr(ChatDataModule, "_encode_uncached", lambda self, *a: calls.append(1) or [])
+    entries = [p.parent for p in (tmp_path / "cache" / "encoded").glob("*/entry.json")]
+    assert len(entries) == 1 and calls
     second = encode()
     assert not calls  # served from the cache, identical
     assert second.train_examples == first.train_examples and second.stats == first.stats
-    with pytest.raises(ValueError):  # a different max_length is a different key: it encodes (here: nothing)
-        encode(max_length=20)
-    assert calls
-    entries[0].write_bytes(b"corrupt")
-    monkeypatch.undo()
-    monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path / "cache"))
-    assert encode().train_examples == first.train_examples  # a corrupt entry is a miss, then rewritten
+    encode(max_length=500)
+    assert calls  # a different max_length is a different key
+    # Issue 13.8: an entry whose token ids or lengths differ from what it recorded is rebuilt, not trusted.
+    for change in (lambda row: {"input_ids": [t + 1 for t in row["input_ids"]]},
+                   lambda row: {"input_ids": row["input_ids"][:3], "labels": row["labels"][:3], "length": 3}):
+        _tamper(entries[0], change)
+        with pytest.warns(UserWarning, match=r"does not match what it recorded .* re-encoding"):
+            again = encode()
+        assert calls and again.train_examples == first.train_examples
+    next(entries[0].glob("*.arrow")).write_bytes(b"corrupt")
+    with pytest.warns(UserWarning, match=r"is unreadable .* re-encoding"):
+        assert encode().train_examples == first.train_examples  # a corrupt entry is rebuilt

@@ -1,0 +1,159 @@
+"""Data preparation at scale: lightning_ft's ChatDataModule against TRL's SFTTrainer and the tokenizer floor.
+
+Writes N synthetic multi-turn conversations (system prompt, 3-4 user/assistant turns, ~150 tokens each with
+the default model's tokenizer) to a JSONL file, then runs each contender in a fresh process and reports
+wall time, time per 100k conversations, the ratio to the floor and peak RSS (the main process and the
+largest worker process):
+
+- ``floor``: the fast tokenizer's batched tokenisation of the same conversations rendered by the chat
+  template (rendering not timed): no labels, no checks, no reading.
+- ``lightning_ft``: ``ChatDataModule.setup("fit")`` from the JSONL file (reading, record checks, labels,
+  truncation, the Arrow cache written), on a cold cache; ``lightning_ft (cache hit)`` runs it again.
+- ``trl``: ``SFTTrainer``'s dataset preparation of the same file (``load_dataset("json")``, chat template,
+  tokenisation), with a tiny model so that only the data counts.
+
+    python benchmarks/data_prep.py --conversations 100000 --num_proc 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_WORDS = ("the model data train token loss time value river cloud light paper stone green quick slow answer "
+          "question because system order result number market energy garden music history simple").split()
+
+
+def write_corpus(path: Path, count: int, seed: int = 0) -> None:
+    """``count`` synthetic conversations: a system prompt and 3-4 user/assistant turns of 6-16 words."""
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        for index in range(count):
+            messages = [{"role": "system", "content": "You are a concise assistant."}]
+            for _ in range(rng.randint(3, 4)):
+                messages.append({"role": "user", "content": " ".join(rng.choices(_WORDS, k=rng.randint(6, 16))) + "?"})
+                messages.append({"role": "assistant", "content": f"{index}: " + " ".join(
+                    rng.choices(_WORDS, k=rng.randint(6, 16))) + "."})
+            out.write(json.dumps({"messages": messages}) + "\n")
+
+
+def _peak_mb() -> tuple[float, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return own, children
+
+
+def run_floor(path: str, tokenizer_spec: str, _: int) -> dict:
+    from lightning_ft.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_spec)
+    with open(path) as lines:
+        conversations = [json.loads(line)["messages"] for line in lines]
+    texts = tokenizer.apply_chat_template(conversations, tokenize=False)
+    del conversations
+    started = time.perf_counter()
+    tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return {"seconds": time.perf_counter() - started, "tokens": tokens}
+
+
+def run_lightning_ft(path: str, tokenizer_spec: str, num_proc: int) -> dict:
+    from lightning_ft.data.datamodule import ChatDataModule
+
+    started = time.perf_counter()
+    data = ChatDataModule(path, tokenizer=tokenizer_spec, max_length=2048, num_proc=num_proc, checks="off")
+    data.setup("fit")
+    return {"seconds": time.perf_counter() - started, "tokens": data.stats["tokens"]}
+
+
+def run_trl(path: str, tokenizer_spec: str, num_proc: int) -> dict:
+    import datasets
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from lightning_ft.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_spec)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    started = time.perf_counter()
+    train = datasets.load_dataset("json", data_files=[path], split="train")
+    with tempfile.TemporaryDirectory() as output:
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train, args=SFTConfig(
+            output_dir=output, max_length=2048, dataset_num_proc=num_proc if num_proc > 1 else None,
+            report_to=[], packing=False, bf16=False, use_cpu=True))
+        tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    return {"seconds": time.perf_counter() - started, "tokens": tokens}
+
+
+_CONTENDERS = {"floor": run_floor, "lightning_ft": run_lightning_ft, "trl": run_trl}
+
+
+def _worker(name: str, path: str, tokenizer: str, num_proc: int) -> None:
+    result = _CONTENDERS[name](path, tokenizer, num_proc)
+    own, children = _peak_mb()
+    print(json.dumps({**result, "peak_rss_mb": round(own), "worker_peak_rss_mb": round(children)}))
+
+
+def _run(name: str, path: Path, tokenizer: str, num_proc: int, env: dict) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--data", str(path), "--tokenizer", tokenizer,
+               "--num_proc", str(num_proc)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conversations", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tokenizer", default="smollm2-135m-instruct")
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(_CONTENDERS), help="contenders not to run")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.worker:
+        _worker(options.worker, options.data, options.tokenizer, options.num_proc)
+        return
+    rows = []
+    for count in options.conversations:
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "chat.jsonl"
+            write_corpus(path, count)
+            # A fresh cache for both libraries: the first lightning_ft run is cold, the second a cache hit.
+            env = {**os.environ, "LIGHTNING_FT_CACHE": str(Path(scratch) / "cache"),
+                   "HF_DATASETS_CACHE": str(Path(scratch) / "hf_datasets"), "TOKENIZERS_PARALLELISM": "true"}
+            models = Path(os.environ.get("LIGHTNING_FT_CACHE", Path.home() / ".cache" / "lightning_ft")) / "models"
+            (Path(scratch) / "cache").mkdir()
+            if models.exists():  # the converted default model, so that no contender converts it again
+                os.symlink(models, Path(scratch) / "cache" / "models")
+            names = [n for n in ("floor", "lightning_ft", "lightning_ft", "trl") if n not in options.skip]
+            results = {}
+            for name in names:
+                label = name if name not in results else f"{name} (cache hit)"
+                results[label] = _run(name, path, options.tokenizer, options.num_proc, env)
+                print(f"{count:,} conversations, {label}: {results[label]}", file=sys.stderr, flush=True)
+            floor = results.get("floor", {}).get("seconds")
+            for label, result in results.items():
+                rows.append({"conversations": count, "contender": label, **result,
+                             "per_100k_s": result["seconds"] * 100_000 / count,
+                             "x_floor": result["seconds"] / floor if floor else None})
+    print(f"{'conversations':>13} {'contender':<26} {'tokens':>12} {'wall s':>8} {'s/100k':>8} {'x floor':>8} "
+          f"{'RSS MB':>7} {'worker MB':>9}")
+    for row in rows:
+        ratio = f"{row['x_floor']:.2f}" if row["x_floor"] else "-"
+        print(f"{row['conversations']:>13,} {row['contender']:<26} {row['tokens']:>12,} {row['seconds']:>8.1f} "
+              f"{row['per_100k_s']:>8.1f} {ratio:>8} {row['peak_rss_mb']:>7} {row['worker_peak_rss_mb']:>9}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
