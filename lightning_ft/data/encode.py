@@ -33,6 +33,7 @@ from lightning_ft.data.collate import (
     truncate_example,
 )
 from lightning_ft.atomic import atomic_directory
+from lightning_ft.data.sources import datasets_progress
 from lightning_ft.models import cache_dir
 
 #: Bumped whenever encoding itself changes (labels, truncation), invalidating every entry.
@@ -185,12 +186,13 @@ def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None
     procs = num_proc if num_proc and num_proc > 1 and len(conversations) >= _PARALLEL_FROM else None
     staging = Path(tempfile.mkdtemp(prefix=".encoding-", dir=root))
     try:
-        encoded = conversations.map(
-            encode_batch, batched=True, batch_size=256, num_proc=procs, desc=description, features=_features(),
-            remove_columns=conversations.column_names, cache_file_name=str(staging / "data.arrow"),
-            new_fingerprint=(key or os.urandom(16).hex())[:32],
-            fn_kwargs={"tokenizer": tokenizer, "chat_template": chat_template, "max_length": max_length,
-                       "truncation": truncation, "labelling": labelling})
+        with datasets_progress(len(conversations)):
+            encoded = conversations.map(
+                encode_batch, batched=True, batch_size=256, num_proc=procs, desc=description, features=_features(),
+                remove_columns=conversations.column_names, cache_file_name=str(staging / "data.arrow"),
+                new_fingerprint=(key or os.urandom(16).hex())[:32],
+                fn_kwargs={"tokenizer": tokenizer, "chat_template": chat_template, "max_length": max_length,
+                           "truncation": truncation, "labelling": labelling})
         if target is not None and not bool(pc.any(pc.equal(encoded.data.column("status"), TEMPLATE_ERROR)).as_py()):
             _store(target, staging, encoded)
     finally:

@@ -11,9 +11,11 @@ optional column mapping. Reading goes through ``datasets`` (Arrow, memory-mapped
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -158,8 +160,9 @@ def _open_hub(source: Source) -> Any:
                                         "huggingface.co (save it with `Dataset.save_to_disk` on a connected machine "
                                         "and pass that directory, or a Parquet/JSONL copy)")
     try:
-        return datasets.load_dataset(source.path, source.subset, split=split, revision=source.revision,
-                                     cache_dir=_datasets_cache())
+        with datasets_progress():
+            return datasets.load_dataset(source.path, source.subset, split=split, revision=source.revision,
+                                         cache_dir=_datasets_cache())
     except (ConnectionError, OSError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
         why = "offline mode is set" if offline else "the machine has no network access to huggingface.co"
@@ -182,6 +185,27 @@ def _open_saved(path: Path, source: Source) -> Any:
     return loaded
 
 
+#: Rows from which a ``datasets`` stage (reading, tokenising) shows its progress bar: below it a stage takes
+#: a few seconds at most, and its bar would be noise in the run's output.
+PROGRESS_FROM = 5000
+
+
+@contextlib.contextmanager
+def datasets_progress(rows: int | None = None) -> Iterator[None]:
+    """Hide ``datasets`` progress bars for a stage over ``rows`` rows (``None``: reading a file, which takes
+    seconds even for large ones) when it is short; restore the global setting afterwards."""
+    import datasets
+
+    was_enabled = not datasets.utils.are_progress_bars_disabled()
+    if rows is None or rows < PROGRESS_FROM:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 class SourceError(ValueError):
     """A source that cannot be read at all (missing, unsupported, unreachable, empty); one line naming it."""
 
@@ -197,8 +221,9 @@ def _open_file(file: str) -> tuple[Any, Literal["line", "record", "row"], bool, 
     suffix = Path(file).suffix
     if suffix == ".jsonl":
         try:
-            ds = datasets.load_dataset("text", data_files=[file], split="train", encoding="utf-8-sig",
-                                       cache_dir=_datasets_cache())
+            with datasets_progress():
+                ds = datasets.load_dataset("text", data_files=[file], split="train", encoding="utf-8-sig",
+                                           cache_dir=_datasets_cache())
         except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError):
             return None, "line", True, load_records(file)[2]  # the error path names the byte (or the cause)
         return ds, "line", True, []
@@ -215,7 +240,8 @@ def _open_file(file: str) -> tuple[Any, Literal["line", "record", "row"], bool, 
         if pq.ParquetFile(file).metadata.num_rows == 0:
             return None, "row", False, [DataProblem(file, None, None, "no records (it is empty)")]
     try:
-        ds = datasets.load_dataset(suffix[1:], data_files=[file], split="train", cache_dir=_datasets_cache())
+        with datasets_progress():
+            ds = datasets.load_dataset(suffix[1:], data_files=[file], split="train", cache_dir=_datasets_cache())
     except datasets.exceptions.DatasetGenerationError as error:
         cause = error.__cause__ or error.__context__ or error
         return None, "row", False, [DataProblem(file, None, None, f"cannot be read as {suffix[1:].upper()}: "
@@ -385,7 +411,8 @@ def _table_format(label: str, ds: Any, format: str, columns: dict[str, str] | No
 
 def _map(ds: Any, function: Any, num_proc: int | None, description: str, **kwargs: Any) -> Any:
     procs = num_proc if num_proc and num_proc > 1 and len(ds) >= _PARALLEL_FROM else None
-    return ds.map(function, batched=True, batch_size=1000, num_proc=procs, desc=description, **kwargs)
+    with datasets_progress(len(ds)):
+        return ds.map(function, batched=True, batch_size=1000, num_proc=procs, desc=description, **kwargs)
 
 
 def _problems(label: str, unit: str, converted: Any) -> tuple[list[DataProblem], np.ndarray]:
