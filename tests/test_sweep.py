@@ -13,8 +13,10 @@ from sweep_helpers import ROOT, sweep_fit_args
 
 from lightning_ft.commands.sweep import run
 from lightning_ft.plotting import read_scalars
-from lightning_ft.sweep import RunResult, SearchSpace, log_grid, parse_lrs, read_space, recommend
+from lightning_ft.sweep import RunResult, SearchSpace, log_grid, parse_lrs, read_space, recommend, worker
+from lightning_ft.sweep import trial as trial_process
 from lightning_ft.sweep.study import HEARTBEAT_ATTR, SweepSpec, claim_next, fail_stale_trials, open_storage, open_study
+from lightning_ft.sweep.worker import trial_fit_args
 
 
 def test_log_grid_is_log_spaced_around_the_centre():
@@ -135,20 +137,29 @@ def test_bad_sweeps_fail_before_any_run(tiny_model_dir, tmp_path, capsys, monkey
     assert not sweep_dir.exists()
 
 
+def _run_child_here(spec, params, run, directory, number):
+    """The worker's child process, run in this process (a subprocess costs ~20 s of imports here)."""
+    result = directory / run / f"result_{number:03d}.json"
+    trial_process.main([str(result), *([] if spec.prune else ["--no-prune"]), "--", *trial_fit_args(spec, params, run, directory)])
+    return 0, result
+
+
 def test_sweep_prunes_the_forgetful_trial_and_reports(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The whole sweep with each trial run in-process; tests/test_sweep_workers.py runs real worker processes."""
     monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(worker, "run_child", _run_child_here)
     sweep_dir = tmp_path / "sweep"
     argv = [*sweep_fit_args(tiny_model_dir, tmp_path), "--dir", str(sweep_dir), "--lrs", "1e-6,0.05",
-            "--max_steps", "6"]
+            "--max_steps", "4"]
     assert run(argv) == 0
     out = capsys.readouterr().out
-    assert "Recommended: lr=1e-06" in out and "Pruning saved 4 of 12 optimizer steps" in out
+    assert "Recommended: lr=1e-06" in out and "Pruning saved 2 of 8 optimizer steps" in out
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     rows = {row["learning_rate"]: row for row in summary["runs"]}
-    assert rows[1e-6]["state"] == "complete" and rows[1e-6]["steps"] == 6 and rows[1e-6]["within_thresholds"]
+    assert rows[1e-6]["state"] == "complete" and rows[1e-6]["steps"] == 4 and rows[1e-6]["within_thresholds"]
     assert rows[0.05]["state"] == "pruned" and rows[0.05]["pruned_at"] == 2 and rows[0.05]["steps"] == 2
     assert summary["recommended_lr"] == 1e-6 and summary["pareto_trials"] == [rows[1e-6]["trial"]]
-    assert summary["steps_saved"] == 4
+    assert summary["steps_saved"] == 2
     assert (sweep_dir / "sweep.csv").read_text().splitlines()[0].startswith("learning_rate,steps,val_loss")
     assert (sweep_dir / "sweep.png").stat().st_size > 0
     run_dir = sweep_dir / f"trial_{rows[1e-6]['trial']:03d}"
@@ -159,5 +170,5 @@ def test_sweep_prunes_the_forgetful_trial_and_reports(tiny_model_dir, tmp_path, 
     assert run(["--dir", str(sweep_dir), "--report"]) == 0
     assert "Pareto set: lr=1e-06" in capsys.readouterr().out
     assert json.loads((sweep_dir / "sweep.json").read_text())["runs"] == summary["runs"]
-    assert run([*argv[:-2], "--max_steps", "4"]) == 1
+    assert run([*argv[:-2], "--max_steps", "5"]) == 1
     assert "holds a sweep of another configuration" in capsys.readouterr().err
