@@ -11,11 +11,21 @@ import optuna
 import pytest
 from sweep_helpers import ROOT, sweep_fit_args
 
-from lightning_ft.commands.sweep import run
+from lightning_ft.commands.sweep import check_space_keys, run
 from lightning_ft.plotting import read_scalars
 from lightning_ft.sweep import RunResult, SearchSpace, log_grid, parse_lrs, read_space, recommend, worker
 from lightning_ft.sweep import trial as trial_process
-from lightning_ft.sweep.study import HEARTBEAT_ATTR, SweepSpec, claim_next, fail_stale_trials, open_storage, open_study
+from lightning_ft.sweep.report import collect, summarize
+from lightning_ft.sweep.space import Range
+from lightning_ft.sweep.study import (
+    HEARTBEAT_ATTR,
+    SweepSpec,
+    claim_next,
+    fail_stale_trials,
+    open_storage,
+    open_study,
+    tell,
+)
 from lightning_ft.sweep.worker import trial_fit_args
 
 
@@ -122,6 +132,31 @@ def test_a_trial_whose_worker_died_is_failed_and_retried_once(tmp_path):
     assert study.trials[0].state == optuna.trial.TrialState.FAIL
 
 
+def test_a_sampled_space_fills_enqueued_trials_and_records_constraints(tmp_path):
+    space = SearchSpace({"model.adapter.init_args.r": [8, 16]}, {"model.kl_beta": Range(0.0, 0.2)})
+    spec = SweepSpec(**{**vars(_spec()), "space": space.to_json(), "n_trials": 3})
+    storage = open_storage(tmp_path)
+    study, _ = open_study(storage, "s", spec)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 3
+    outcomes = [(1.0, 0.01, "complete"), (0.8, 0.30, "complete"), (0.5, 0.40, "pruned")]
+    for val_loss, drop, state in outcomes:
+        trial = claim_next(study, storage, spec)
+        params = space.suggest(trial)
+        assert params["model.adapter.init_args.r"] in (8, 16) and 0.0 <= params["model.kl_beta"] <= 0.2
+        tell(study, trial, RunResult(learning_rate=2e-4, steps=4 if state == "pruned" else 10, val_loss=val_loss,
+                                     acc_drop=drop, max_acc_drop=drop, within_thresholds=drop <= 0.05,
+                                     state=state, budget_steps=10, seconds=10.0), spec)
+    assert claim_next(study, storage, spec) is None
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert study.trials[1].constraints == {"max_accuracy_drop": pytest.approx(0.25)}
+    assert [t.number for t in study.best_trials] == [0]  # trial 1 adapts better but breaks the constraint
+    rows = collect(study)
+    assert [(row.trial, row.state, row.pareto) for row in rows] == [(0, "complete", True), (1, "complete", False),
+                                                                    (2, "pruned", False)]
+    summary = summarize(study, rows)
+    assert summary["steps_saved"] == 6 and summary["steps_budget"] == 30 and summary["seconds_saved_estimate"] == 15.0
+
+
 @pytest.mark.parametrize("options, message", [
     (["--lrs", "1e-4"], "at least two different learning rates"),
     (["--lrs", "0,1e-4"], "0 is not a positive learning rate"),
@@ -172,3 +207,13 @@ def test_sweep_prunes_the_forgetful_trial_and_reports(tiny_model_dir, tmp_path, 
     assert json.loads((sweep_dir / "sweep.json").read_text())["runs"] == summary["runs"]
     assert run([*argv[:-2], "--max_steps", "5"]) == 1
     assert "holds a sweep of another configuration" in capsys.readouterr().err
+
+
+def test_the_example_search_space_is_a_valid_fit_setting(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    space = read_space(ROOT / "examples/sweep/space.yaml")
+    assert not space.is_grid and len(space.choices) + len(space.ranges) == 5
+    check_space_keys(sweep_fit_args(tiny_model_dir, tmp_path), space, "space.yaml")
+    bad = SearchSpace({"model.no_such_key": [1, 2]})
+    with pytest.raises(ValueError, match="space.yaml: the fit configuration refuses a key or value of the search"):
+        check_space_keys(sweep_fit_args(tiny_model_dir, tmp_path), bad, "space.yaml")
