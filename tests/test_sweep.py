@@ -157,6 +157,12 @@ def test_a_sampled_space_fills_enqueued_trials_and_records_constraints(tmp_path)
     assert summary["steps_saved"] == 6 and summary["steps_budget"] == 30 and summary["seconds_saved_estimate"] == 15.0
 
 
+def test_report_of_a_directory_without_a_sweep_is_an_error(tmp_path, capsys):
+    assert run(["--dir", str(tmp_path / "nothing"), "--report"]) == 1
+    assert "nothing: no sweep here (study.journal is missing)" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+
+
 @pytest.mark.parametrize("options, message", [
     (["--lrs", "1e-4"], "at least two different learning rates"),
     (["--lrs", "0,1e-4"], "0 is not a positive learning rate"),

@@ -145,7 +145,7 @@ def run(argv: list[str]) -> int:
         from lightning_ft.sweep.worker import start_workers, work
 
         if args.report:
-            study, spec = open_study(open_storage(directory, args.storage), name, None)
+            study, spec = open_study(open_storage(directory, args.storage, create=False), name, None)
         else:
             spec = _make_spec(args, fit_args, directory)  # every check before anything is written
             storage = open_storage(directory, args.storage)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +44,18 @@ def require_optuna() -> Any:
     return optuna
 
 
-def open_storage(directory: Path, url: str | None = None) -> Any:
+def open_storage(directory: Path, url: str | None = None, create: bool = True) -> Any:
     """Optuna's journal file in ``directory`` by default, else ``url``: a database URL or a journal file path.
 
     The journal file takes Optuna's symlink lock, which is safe for many processes on one machine and
     over NFS (SQLite is not safe on NFS); a database URL (``postgresql://``, ``mysql://``) serves workers
-    on several machines.
+    on several machines. ``create=False`` (reading a report) refuses a directory holding no journal.
     """
     optuna = require_optuna()
     from optuna.storages.journal import JournalFileBackend
 
+    if url is None and not (directory / JOURNAL).is_file() and not create:
+        raise ValueError(f"{directory}: no sweep here ({JOURNAL} is missing); pass --storage if it uses a database")
     if url is None or "://" not in url:
         path = Path(url) if url else directory / JOURNAL
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +186,9 @@ def heartbeat(storage: Any, trial_id: int, interval: float) -> Iterator[None]:
 
 def _is_stale(trial: Any, grace: float) -> bool:
     beat = trial.user_attrs.get(HEARTBEAT_ATTR)
-    if beat is None:
-        return False  # claimed this instant: the claimant writes its first beat right after winning
+    if beat is None:  # its claimant writes the first beat right after winning it, unless it died between
+        started = trial.datetime_start  # naive local time, as Optuna stores it
+        return started is not None and (datetime.now() - started).total_seconds() > grace
     host, _, pid = beat["worker"].rpartition(":")
     if host == socket.gethostname() and not _process_alive(int(pid)):
         return True
