@@ -1,4 +1,5 @@
-"""A sweep worker: take the next waiting trial, run it in a child process, tell the study, repeat.
+"""A sweep worker: take the next waiting trial, run it in a child process, tell the study, repeat;
+when none is waiting, wait for the running ones (retrying any whose worker dies) and stop.
 
 Each trial is ``python -m lightning_ft.sweep.trial`` (a normal fit) with its own TensorBoard version
 under the sweep directory and its output in ``<run>/trial_<n>.log``. A child that exits with an error
@@ -65,7 +66,7 @@ def run_child(spec: SweepSpec, params: dict[str, Any], run: str, directory: Path
 
 
 def work(study: Any, storage: Any, spec: SweepSpec, directory: Path, heartbeat_s: float) -> int:
-    """Run trials until none is waiting; returns how many this worker ran."""
+    """Run trials until none is waiting or running; returns how many this worker ran."""
     optuna = require_optuna()
     grace = 4 * heartbeat_s
     done = 0
@@ -74,7 +75,12 @@ def work(study: Any, storage: Any, spec: SweepSpec, directory: Path, heartbeat_s
             print(f"lightning_ft sweep: trial {number} lost its worker: marked failed (and retried if allowed)")
         trial = claim_next(study, storage, spec)
         if trial is None:
-            return done
+            # Nothing waiting: stay while others run trials, to retry any whose worker dies, so that
+            # every worker's report at its end covers the whole study.
+            if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                return done
+            time.sleep(min(heartbeat_s, 5.0))
+            continue
         params = spec.search_space().suggest(trial)
         run = trial.user_attrs.get("run", run_name(trial.number))
         trial.set_user_attr("run", run)
