@@ -105,8 +105,9 @@ def work(study: Any, storage: Any, spec: SweepSpec, directory: Path, heartbeat_s
 
 
 def start_workers(argv: list[str], count: int) -> list[subprocess.Popen]:
-    """``count`` local worker processes running ``lightning_ft sweep`` with ``argv``, one GPU each when
-    there are several (round-robin over ``CUDA_VISIBLE_DEVICES`` or all visible devices)."""
+    """``count`` local worker processes running ``lightning_ft sweep`` with ``argv``: one GPU each when
+    there are several (round-robin over ``CUDA_VISIBLE_DEVICES`` or all visible devices), an equal share
+    of the CPU threads when there is no GPU."""
     import torch
 
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
@@ -117,5 +118,8 @@ def start_workers(argv: list[str], count: int) -> list[subprocess.Popen]:
         env = dict(os.environ)
         if len(devices) > 1:
             env["CUDA_VISIBLE_DEVICES"] = names[index % len(names)]
+        elif not devices and "OMP_NUM_THREADS" not in env:
+            # On CPUs the workers share the cores: N workers with all cores each would oversubscribe them.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // count))
         workers.append(subprocess.Popen([sys.executable, "-m", "lightning_ft", "sweep", *argv], env=env))
     return workers
