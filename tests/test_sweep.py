@@ -11,7 +11,7 @@ import optuna
 import pytest
 from sweep_helpers import ROOT, sweep_fit_args
 
-from lightning_ft.commands.sweep import check_space_keys, run
+from lightning_ft.commands.sweep import without_workers, check_space_keys, run
 from lightning_ft.plotting import read_scalars
 from lightning_ft.sweep import RunResult, SearchSpace, log_grid, parse_lrs, read_space, recommend, worker
 from lightning_ft.sweep import trial as trial_process
@@ -223,3 +223,23 @@ def test_the_example_search_space_is_a_valid_fit_setting(tiny_model_dir, tmp_pat
     bad = SearchSpace({"model.no_such_key": [1, 2]})
     with pytest.raises(ValueError, match="space.yaml: the fit configuration refuses a key or value of the search"):
         check_space_keys(sweep_fit_args(tiny_model_dir, tmp_path), bad, "space.yaml")
+
+
+def test_local_workers_get_one_gpu_each_or_a_share_of_the_cpu(monkeypatch):
+    import torch
+
+    started = []
+    monkeypatch.setattr(worker.subprocess, "Popen", lambda command, env: started.append((command, env)))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    worker.start_workers(["--dir", "d", "--worker"], 3)
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["0", "1", "0"]
+    assert started[0][0][-5:] == ["lightning_ft", "sweep", "--dir", "d", "--worker"]
+    started.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(worker.os, "cpu_count", lambda: 16)
+    worker.start_workers([], 4)
+    assert [env["OMP_NUM_THREADS"] for _, env in started] == ["4"] * 4
+    assert without_workers(["--workers", "2", "--lrs", "1,2", "--workers=3"]) == ["--lrs", "1,2"]

@@ -151,7 +151,7 @@ def run(argv: list[str]) -> int:
             storage = open_storage(directory, args.storage)
             study, spec = open_study(storage, name, spec)
             if args.workers > 1:
-                children = start_workers([*_without_workers(argv), "--worker"], args.workers)
+                children = start_workers([*without_workers(argv), "--worker"], args.workers)
                 failed = [child.args for child in children if child.wait() != 0]
                 if failed:
                     print(f"{PROG}: {len(failed)} worker(s) exited with an error", file=sys.stderr)
@@ -166,7 +166,7 @@ def run(argv: list[str]) -> int:
     return 0 if recommended else 1
 
 
-def _without_workers(argv: list[str]) -> list[str]:
+def without_workers(argv: list[str]) -> list[str]:
     """The command line minus ``--workers N`` (each started worker is one worker)."""
     out, skip = [], False
     for arg in argv:
