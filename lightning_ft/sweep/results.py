@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lightning_ft.export import atomic_file
+from lightning_ft.atomic import atomic_file
 
 
 @dataclass
