@@ -39,7 +39,8 @@ def collect(study: Any) -> list[RunResult]:
 
 
 def summarize(study: Any, results: list[RunResult]) -> dict[str, Any]:
-    """Trial counts by state, the study's wall time, and the optimizer steps (and seconds) pruning saved."""
+    """Trial counts by state, the study's wall time, and the optimizer steps pruning saved; the seconds saved
+    are estimated as the mean fit time of the complete trials of the same budget minus each pruned one's."""
     states: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
@@ -48,12 +49,18 @@ def summarize(study: Any, results: list[RunResult]) -> dict[str, Any]:
     measured = [run for run in results if run.state in ("complete", "pruned")]
     budget = sum(run.budget_steps for run in measured)
     saved = sum(run.budget_steps - run.steps for run in measured if run.state == "pruned")
-    saved_s = sum((run.budget_steps - run.steps) * run.seconds / max(run.steps, 1)
+    saved_s = sum(max(_mean_complete_seconds(measured, run.budget_steps) - run.seconds, 0.0)
                   for run in measured if run.state == "pruned")
     return {"trials": states,
             "wall_seconds": (max(ended) - min(started)).total_seconds() if started and ended else None,
             "steps_budget": budget, "steps_run": sum(run.steps for run in measured), "steps_saved": saved,
             "seconds_saved_estimate": round(saved_s, 1)}
+
+
+def _mean_complete_seconds(runs: list[RunResult], budget: int) -> float:
+    """What a trial of this budget costs when it runs to the end (its measured fit time; 0 if none did)."""
+    seconds = [run.seconds for run in runs if run.state == "complete" and run.budget_steps == budget]
+    return sum(seconds) / len(seconds) if seconds else 0.0
 
 
 def report(study: Any, spec: SweepSpec, directory: Path, quiet: bool = False) -> tuple[RunResult | None, str]:
@@ -94,7 +101,8 @@ def _print(results: list[RunResult], recommended: RunResult | None, reason: str,
             "-" if run.acc_drop is None else f"{run.acc_drop:+.3f}",
             "-" if run.kl_final is None else f"{run.kl_final:.3g}",
             "yes" if run.within_thresholds else "[red]no[/red]", "yes" if run.pareto else "")
-    Console().print(table)
+    # Not a terminal (a log file): wide enough that no column is cut to an ellipsis.
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     counts = ", ".join(f"{count} {state}" for state, count in sorted(summary["trials"].items()))
     wall = summary["wall_seconds"]
     print(f"Trials: {counts}; wall time {wall:.0f} s" if wall is not None else f"Trials: {counts}")
