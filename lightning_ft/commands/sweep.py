@@ -1,40 +1,28 @@
-"""``lightning_ft sweep``: short fine-tunes at several learning rates, then adaptation against forgetting.
+"""``lightning_ft sweep``: short fine-tunes across a search space, adaptation against forgetting, on Optuna.
 
 Takes the same ``--config`` and override keys as ``fit``, plus the options below::
 
-    lightning_ft sweep --config configs/quickstart.yaml --lrs 5e-5,2e-4,1e-3 --max_steps 30
-    lightning_ft sweep --config configs/quickstart.yaml --points 5 --dir runs/sweep   # 0.1x .. 10x the LR
+    lightning_ft sweep --config configs/quickstart.yaml --lrs 5e-5,2e-4,1e-3 --max_steps 30 --workers 2
+    lightning_ft sweep --config configs/quickstart.yaml --space configs/sweep_space.yaml --trials 12
+    lightning_ft sweep --dir runs/sweep --report      # the table, plot and recommendation, any time
 
-Every learning rate is a normal ``fit`` of the configuration for ``--max_steps`` steps, one after another,
-logged to TensorBoard under ``--dir`` (``tensorboard --logdir <dir>``; the HParams tab compares them). The
-configuration's ``ForgettingCheck`` measures forgetting (a default one is added when it has none) and its
-validation data and ``TaskEval``, if any, adaptation. Restarting the same sweep skips finished runs and
-resumes an interrupted one. Exit code 0 with a recommendation, 1 on errors or when no learning rate kept
-forgetting within the thresholds, 2 on a bad command line.
+The sweep is an Optuna study stored in ``--dir`` (a journal file) or ``--storage URL``. Every worker
+started with the same command line, on this machine or another, joins it and takes the next trial;
+each trial is a normal ``fit`` in its own process, logged to TensorBoard under ``--dir``. A trial whose
+``ForgettingCheck`` alarm fires is pruned at that check. Exit code 0 with a recommendation, 1 on
+errors or when no trial kept forgetting within the thresholds, 2 on a bad command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from lightning_ft.sweep import (
-    RunResult,
-    fingerprint,
-    log_grid,
-    mark_pareto,
-    parse_lrs,
-    plot_frontier,
-    recommend,
-    run_name,
-    write_atomic,
-    write_tables,
-)
+from lightning_ft.sweep.space import LR_KEY, SearchSpace, log_grid, overrides, parse_lrs, read_space
 
 PROG = "lightning_ft sweep"
 
@@ -43,167 +31,149 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, allow_abbrev=False, description=__doc__.split("::")[0],
         epilog="Every other argument is a `lightning_ft fit` argument (--config FILE, --model.adapter, ...). "
-               "The sweep sets model.learning_rate, trainer.max_steps and the TensorBoard logger of each run.")
+               "The sweep sets trainer.max_steps, the TensorBoard logger and the searched keys of each trial.")
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--lrs", default=None, metavar="LR,LR,...", help="explicit learning rates, comma-separated")
-    grid.add_argument("--points", type=int, default=5,
-                      help="log-spaced learning rates from 1/10 to 10x the config's (or the method's default) LR")
-    parser.add_argument("--max_steps", type=int, default=40, help="optimizer steps per learning rate")
-    parser.add_argument("--dir", default="runs/sweep", help="the sweep directory (runs, tables, plot)")
+    grid.add_argument("--points", type=int, default=None,
+                      help="log-spaced learning rates from 1/10 to 10x the config's LR (default 5 without --space)")
+    parser.add_argument("--space", default=None, metavar="YAML",
+                        help="search space: fit keys -> list (grid/categorical) or {low, high, log, step}")
+    parser.add_argument("--trials", type=int, default=12, help="trials of a sampled (non-grid) search space")
+    parser.add_argument("--sampler", choices=("tpe", "nsga2", "random"), default="tpe",
+                        help="multi-objective sampler of a non-grid space (a grid uses Optuna's GridSampler)")
+    parser.add_argument("--max_steps", type=int, default=40, help="optimizer steps per trial")
+    parser.add_argument("--dir", default="runs/sweep", help="the sweep directory (runs, study journal, tables, plot)")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="shared Optuna storage (postgresql://..., mysql://..., or a journal file path)")
+    parser.add_argument("--study", default=None, help="study name in the storage (default: the --dir name)")
+    parser.add_argument("--workers", type=int, default=1, help="local worker processes (one GPU each if several)")
+    parser.add_argument("--no-prune", dest="prune", action="store_false",
+                        help="run every trial to its last step even after a forgetting alarm")
+    parser.add_argument("--max_retries", type=int, default=1, help="retries of a trial whose worker died")
+    parser.add_argument("--heartbeat", type=float, default=30.0,
+                        help="seconds between a worker's heartbeats; 4 missed ones mark its trial stale")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    parser.add_argument("--report", action="store_true", help="only print and write the study's current results")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     return parser
 
 
-def _fit_args(fit_args: list[str], lr: float | None, steps: int, directory: Path) -> list[str]:
-    args = [*fit_args, f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
-            f"--trainer.default_root_dir={directory}"]
-    if lr is None:
-        return args
-    logger = {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-              "init_args": {"save_dir": str(directory), "name": "", "version": run_name(lr),
-                            "default_hp_metric": False}}
-    return args + [f"--model.learning_rate={lr!r}", f"--trainer.logger={json.dumps(logger)}"]
-
-
-def _build(fit_args: list[str], lr: float | None, steps: int, directory: Path) -> Any:
-    from lightning_ft.cli import main
-
-    # LightningCLI warns when given args while sys.argv holds others (here: the sweep's own command line).
-    saved, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        return main(_fit_args(fit_args, lr, steps, directory), run=False)
-    finally:
-        sys.argv = saved
-
-
-def _callbacks(trainer: Any) -> tuple[Any, list[Any]]:
-    from lightning_ft.callbacks.forgetting import ForgettingCheck
-    from lightning_ft.callbacks.task_eval import TaskEval
-
-    forgetting = [cb for cb in trainer.callbacks if isinstance(cb, ForgettingCheck)]
-    return (forgetting[0] if forgetting else None), [cb for cb in trainer.callbacks if isinstance(cb, TaskEval)]
-
-
-def check_config(fit_args: list[str], steps: int, directory: Path) -> tuple[float, float | None]:
+def check_config(fit_args: list[str], steps: int, directory: Path) -> dict[str, Any]:
     """Build the configuration once (no model is loaded) and fail before any run if it cannot be swept.
 
     Returns:
-        The module's learning rate (the centre of the default grid) and the accuracy-drop threshold.
+        The module's learning rate (the centre of the default grid), the adaptation objective and the
+        forgetting thresholds.
     """
-    cli = _build(fit_args, None, steps, directory)
-    data, (forgetting, task_evals) = cli.datamodule, _callbacks(cli.trainer)
+    from lightning_ft.sweep.trial import build_cli, sweep_callbacks
+
+    cli = build_cli([*fit_args, f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={directory}"])
+    data, (forgetting, task_evals) = cli.datamodule, sweep_callbacks(cli.trainer)
     has_val = data.val_path is not None or data.val_fraction > 0
     if not has_val and not task_evals:
         raise ValueError("the configuration measures no adaptation: give the data a validation set "
                          "(data.val_path or data.val_fraction) or add a TaskEval callback")
-    return float(cli.model.learning_rate), forgetting.max_accuracy_drop if forgetting is not None else 0.05
+    max_drop, max_kl = (forgetting.max_accuracy_drop, forgetting.max_kl) if forgetting is not None else (0.05, None)
+    return {"center": float(cli.model.learning_rate), "adaptation": "success_rate" if task_evals else "val_loss",
+            "max_accuracy_drop": max_drop, "max_kl": max_kl}
 
 
-def run_one(fit_args: list[str], lr: float, steps: int, directory: Path) -> RunResult:
-    """Fine-tune at one learning rate (resuming its ``last.ckpt`` if a previous attempt was cut short)."""
-    from lightning_ft.callbacks.forgetting import ForgettingCheck
-    from pytorch_lightning.callbacks import ModelCheckpoint
+def check_space_keys(fit_args: list[str], space: SearchSpace, source: str) -> None:
+    """Every key of the search space must be a setting of the fit configuration (one point is parsed)."""
+    from lightning_ft.sweep.trial import build_cli
 
-    from lightning_ft.callbacks.dashboard import TensorBoardDashboard
-
-    cli = _build(fit_args, lr, steps, directory)
-    trainer, module, data = cli.trainer, cli.model, cli.datamodule
-    forgetting, task_evals = _callbacks(trainer)
-    if forgetting is None:
-        forgetting = ForgettingCheck()
-        at = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, ModelCheckpoint)), len(trainer.callbacks))
-        trainer.callbacks.insert(at, forgetting)  # before checkpointing, which may monitor forgetting/score
-    for callback in trainer.callbacks:
-        if isinstance(callback, TensorBoardDashboard):
-            callback.hparams = False  # _log_hparams writes the run's HParams entry, with its outcome
-    last = directory / run_name(lr) / "checkpoints" / "last.ckpt"
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
-    val_loss = None
-    if data.val_examples:
-        # The final weights' loss, whatever the validation schedule of the config.
-        val_loss = float(trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"])
-    history = forgetting.history
-    base, final = history[0]["metrics"], history[-1]["metrics"]
-    metric = forgetting.metric
-    result = RunResult(
-        learning_rate=lr, steps=trainer.global_step, val_loss=val_loss,
-        acc_baseline=base.get(metric), acc_final=final.get(metric),
-        acc_drop=base[metric] - final[metric] if metric in final else None,
-        max_acc_drop=max(base[metric] - record["metrics"][metric] for record in history) if metric in final else None,
-        kl_final=final.get("kl"), within_thresholds=all(record["ok"] for record in history),
-        seconds=time.perf_counter() - started,
-    )
-    if task_evals:
-        result.success_rate, result.success_baseline = task_evals[0].history[-1]["success_rate"], task_evals[0].baseline
-    _log_hparams(trainer, result)
-    del cli, trainer, module, data
-    gc.collect()
-    return result
+    try:
+        build_cli([*fit_args, *overrides(space.example())])
+    except SystemExit as error:
+        raise ValueError(f"{source}: the fit configuration refuses a key or value of the search space "
+                         f"(see the error above): {', '.join(space.example())}") from error
 
 
-def _log_hparams(trainer: Any, result: RunResult) -> None:
-    """The run's learning rate and outcome in TensorBoard's HParams view."""
-    metrics = {f"sweep/{key}": value for key, value in (
-        ("val_loss", result.val_loss), ("success_rate", result.success_rate), ("acc_drop", result.acc_drop),
-        ("kl", result.kl_final), ("within_thresholds", float(result.within_thresholds))) if value is not None}
-    trainer.logger.log_hyperparams({"learning_rate": result.learning_rate, "max_steps": result.steps}, metrics)
-    trainer.logger.finalize("success")
+def build_space(args: argparse.Namespace, center: float) -> SearchSpace:
+    """The learning-rate grid (``--lrs``/``--points``) joined with the ``--space`` file's keys."""
+    space = read_space(args.space) if args.space else SearchSpace()
+    if LR_KEY in space.choices or LR_KEY in space.ranges:
+        if args.lrs is not None or args.points is not None:
+            raise ValueError(f"{args.space} sets {LR_KEY}: drop --lrs/--points, or the key from the file")
+        return space
+    if args.space and args.lrs is None and args.points is None:
+        return space  # the learning rate stays the config's
+    lrs = parse_lrs(args.lrs) if args.lrs is not None else log_grid(center, 5 if args.points is None else args.points)
+    return SearchSpace({LR_KEY: lrs, **space.choices}, space.ranges)
 
 
-def _print_table(results: list[RunResult], recommended: RunResult | None, reason: str, directory: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def fingerprint(fit_args: list[str], settings: dict[str, Any]) -> str:
+    """Identifies a sweep: joining a study of other settings is refused (config files count by content)."""
+    texts = []
+    for arg in fit_args:
+        path = Path(arg)
+        texts.append(path.read_text() if arg.endswith((".yaml", ".yml", ".json")) and path.is_file() else arg)
+    return hashlib.sha256(json.dumps([texts, settings], sort_keys=True).encode()).hexdigest()[:16]
 
-    table = Table(title=f"Learning-rate sweep ({directory})", caption=reason)
-    for column in ("lr", "steps", "val loss", "task success", "acc drop", "KL", "within", "Pareto"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for run in results:
-        star = " *" if recommended is run else ""
-        table.add_row(
-            f"{run.learning_rate:.2e}{star}", str(run.steps),
-            "-" if run.val_loss is None else f"{run.val_loss:.4f}",
-            "-" if run.success_rate is None else f"{run.success_rate:.1%}",
-            "-" if run.acc_drop is None else f"{run.acc_drop:+.3f}",
-            "-" if run.kl_final is None else f"{run.kl_final:.3g}",
-            "yes" if run.within_thresholds else "[red]no[/red]", "yes" if run.pareto else "")
-    Console().print(table)
+
+def _make_spec(args: argparse.Namespace, fit_args: list[str], directory: Path) -> Any:
+    from lightning_ft.sweep.study import SweepSpec
+
+    problems = [f"--{name} {value}: {rule}" for name, value, ok, rule in (
+        ("max_steps", args.max_steps, args.max_steps >= 1, "each run needs a budget of at least one step"),
+        ("trials", args.trials, args.trials >= 1, "a sampled search needs at least one trial"),
+        ("workers", args.workers, args.workers >= 1, "at least one worker"),
+        ("max_retries", args.max_retries, args.max_retries >= 0, "must be >= 0"),
+        ("heartbeat", args.heartbeat, args.heartbeat > 0, "must be > 0 seconds")) if not ok]
+    if problems:
+        raise ValueError("; ".join(problems))
+    checked = check_config(fit_args, args.max_steps, directory)
+    space = build_space(args, checked["center"])
+    if not space.choices and not space.ranges:
+        raise ValueError(f"{args.space}: the search space is empty")
+    if args.space:
+        check_space_keys(fit_args, space, args.space)
+    settings = {"max_steps": args.max_steps, "space": space.to_json(), "n_trials": args.trials,
+                "sampler": args.sampler, "seed": args.seed, "prune": args.prune, "max_retries": args.max_retries}
+    return SweepSpec(fingerprint=fingerprint(fit_args, settings), fit_args=fit_args,
+                     adaptation=checked["adaptation"], max_accuracy_drop=checked["max_accuracy_drop"],
+                     max_kl=checked["max_kl"], **settings)
 
 
 def run(argv: list[str]) -> int:
     args, fit_args = _parser().parse_known_args(argv)
     directory = Path(args.dir)
+    name = args.study or directory.resolve().name
     try:
-        if args.max_steps < 1:
-            raise ValueError(f"--max_steps {args.max_steps}: each run needs a budget of at least one step")
-        center, max_drop = check_config(fit_args, args.max_steps, directory)
-        lrs = parse_lrs(args.lrs) if args.lrs is not None else log_grid(center, args.points)
-        spec = {"fingerprint": fingerprint(fit_args, args.max_steps), "fit_args": fit_args, "max_steps": args.max_steps}
-        spec_file = directory / "sweep_spec.json"
-        if spec_file.is_file() and json.loads(spec_file.read_text())["fingerprint"] != spec["fingerprint"]:
-            raise ValueError(f"{directory} holds a sweep of another configuration or step budget: "
-                             "use another --dir, or remove that directory")
-        write_atomic(spec_file, json.dumps(spec, indent=2) + "\n")
-    except (OSError, ValueError) as error:
+        from lightning_ft.sweep.report import report
+        from lightning_ft.sweep.study import open_storage, open_study
+        from lightning_ft.sweep.worker import start_workers, work
+
+        if args.report:
+            study, spec = open_study(open_storage(directory, args.storage, create=False), name, None)
+        else:
+            spec = _make_spec(args, fit_args, directory)  # every check before anything is written
+            storage = open_storage(directory, args.storage)
+            study, spec = open_study(storage, name, spec)
+            if args.workers > 1:
+                children = start_workers([*without_workers(argv), "--worker"], args.workers)
+                failed = [child.args for child in children if child.wait() != 0]
+                if failed:
+                    print(f"{PROG}: {len(failed)} worker(s) exited with an error", file=sys.stderr)
+            else:
+                work(study, storage, spec, directory, args.heartbeat)
+            if args.worker:
+                return 0
+        recommended, _ = report(study, spec, directory)
+    except (OSError, ValueError, ImportError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
-    results = []
-    for lr in lrs:
-        done = directory / run_name(lr) / "result.json"
-        if done.is_file():
-            print(f"{PROG}: lr={lr:g} already finished ({done}), skipping")
-            results.append(RunResult(**json.loads(done.read_text())))
-            continue
-        print(f"{PROG}: run {len(results) + 1}/{len(lrs)}, lr={lr:g}, {args.max_steps} steps")
-        result = run_one(fit_args, lr, args.max_steps, directory)
-        write_atomic(done, json.dumps(result.__dict__, indent=2) + "\n")
-        results.append(result)
-    mark_pareto(results)
-    recommended, reason = recommend(results)
-    write_tables(directory, results, recommended, reason)
-    _print_table(results, recommended, reason, directory)
-    try:
-        print(f"Plot: {plot_frontier(results, directory / 'sweep.png', recommended, max_drop)}")
-    except ImportError as error:
-        print(f"{PROG}: no plot ({error})", file=sys.stderr)
-    print(f"Recommended: {reason}" if recommended else f"No recommendation: {reason}")
     return 0 if recommended else 1
+
+
+def without_workers(argv: list[str]) -> list[str]:
+    """The command line minus ``--workers N`` (each started worker is one worker)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
