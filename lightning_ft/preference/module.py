@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from peft import PeftConfig
 
 from lightning_ft.adapters import FullFineTune, LoRA, QLoRA
-from lightning_ft.models import DEFAULT_MODEL, load_model, unwrap_peft
+from lightning_ft.models import DEFAULT_MODEL, unwrap_peft
 from lightning_ft.module import IGNORE_INDEX, FineTuneModule
 from lightning_ft.preference.losses import LENGTH_NORMALISED, LOSSES, NEEDS_REFERENCE, LossName, preference_loss
 from lightning_ft.schedules import DecayName
@@ -18,9 +18,14 @@ from lightning_ft.schedules import DecayName
 ReferenceName = Literal["auto", "copy", "precomputed"]
 
 
-def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
+def _gather_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Half-precision logits are upcast before the softmax; float64 stays float64.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
+
+
+def _chunk_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return _gather_logps(head(hidden), targets)
 
 
 def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int,
@@ -36,8 +41,7 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_si
     inputs = {key: batch[key] for key in ("input_ids", "attention_mask") if key in batch}
     base = unwrap_peft(model)
     if not head_only_where_trained or getattr(base.config, "final_logit_softcapping", None):
-        logits = model(**inputs).logits[:, :-1][trained].float()
-        return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
+        return _gather_logps(model(**inputs).logits[:, :-1][trained], targets)
     hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][trained]
     head = base.get_output_embeddings()
     parts = []
@@ -160,14 +164,10 @@ class PreferenceModule(FineTuneModule):
         """Whether the objective compares with a reference model (DPO, IPO)."""
         return self.hparams.loss in NEEDS_REFERENCE
 
-    def configure_model(self) -> None:
-        """Load the model and adapter; add a frozen reference copy when the objective and settings need one."""
-        loaded = self.model is not None
-        super().configure_model()
-        wants_copy = self.hparams.reference == "copy" or (self.hparams.reference == "auto" and self.adapter.method == "full")
-        if not loaded and self.uses_reference and wants_copy and not self._reference:
-            reference = load_model(self.hparams.model_name, dtype=self.hparams.dtype, **self.adapter.load_kwargs())
-            self._reference = [reference.eval().requires_grad_(False)]
+    def _wants_reference_copy(self) -> bool:
+        """A frozen copy for DPO/IPO with ``reference: copy``, or ``auto`` under full fine-tuning."""
+        reference = self.hparams.reference
+        return self.uses_reference and (reference == "copy" or (reference == "auto" and self.adapter.method == "full"))
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
