@@ -23,7 +23,7 @@ from lightning_ft.data.collate import (
 from lightning_ft.data.cache import encoding_key
 from lightning_ft.data.cache import load as load_encoded
 from lightning_ft.data.cache import save as save_encoded
-from lightning_ft.data.checks import lint_conversations
+from lightning_ft.data.checks import enforce, lint_conversations
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem, scan_file
 from lightning_ft.models import load_tokenizer
@@ -249,17 +249,8 @@ class ChatDataModule(LightningDataModule):
 
     def _check(self, train: list[Conversation], val: list[Conversation]) -> None:
         """Model-free data checks: warnings printed once (rank zero), or raised with ``checks="strict"``."""
-        if self.checks == "off":
-            return
-        findings = [f for f in lint_conversations({"train": train, "val": val}) if f.severity != "info"]
-        if not findings:
-            return
-        if self.checks == "strict" or any(f.severity == "error" for f in findings):
-            raise DataError([str(f) for f in findings])
-        shown = [str(f) for f in findings[:20]] + ([f"... and {len(findings) - 20} more"] if len(findings) > 20 else [])
-        rank_zero_warn(f"Data checks found {len(findings)} warning{'s' if len(findings) != 1 else ''} "
-                       "(`lightning_ft check-data` with the same arguments shows the full report; "
-                       "data.checks=strict stops on them):\n  " + "\n  ".join(shown))
+        if self.checks != "off":
+            enforce(lint_conversations({"train": train, "val": val}), self.checks, "lightning_ft check-data")
 
     def _encode(self, conversations: list[Conversation], tokenizer: Any, stats: dict[str, int],
                 errors: list[str]) -> list[Example]:

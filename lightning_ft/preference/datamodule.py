@@ -8,9 +8,10 @@ from typing import Any, Literal
 
 import torch
 from pytorch_lightning import LightningDataModule
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lightning_ft.data.checks import enforce
 from lightning_ft.data.collate import EmptyLabelsError
 from lightning_ft.data.formats import DataError, DataProblem
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
@@ -122,18 +123,6 @@ class PreferenceDataModule(LightningDataModule):
             self.tokenizer_obj = load_tokenizer(self.tokenizer, self.chat_template)
         return self.tokenizer_obj
 
-    def _check(self, train: list[PreferencePair], val: list[PreferencePair]) -> None:
-        if self.checks == "off":
-            return
-        findings = [f for f in lint_pairs({"train": train, "val": val}) if f.severity != "info"]
-        if not findings:
-            return
-        if self.checks == "strict" or any(f.severity == "error" for f in findings):
-            raise DataError([str(f) for f in findings])
-        rank_zero_warn(f"Preference data checks found {len(findings)} warning(s) (`lightning_ft preference "
-                       "check-data` shows the full report; data.checks=strict stops on them):\n  "
-                       + "\n  ".join(str(f) for f in findings[:20]))
-
     def _encode(self, pairs: list[PreferencePair], tokenizer: Any, errors: list[str]) -> list[dict[str, Any]]:
         examples = []
         for pair in pairs:
@@ -159,7 +148,8 @@ class PreferenceDataModule(LightningDataModule):
         if self.train_path is None and stage in (None, "fit"):
             raise ValueError("PreferenceDataModule has no training data: set train_path (a .jsonl or .json file).")
         train, val = self.split(data)
-        self._check(train, val)
+        if self.checks != "off":
+            enforce(lint_pairs({"train": train, "val": val}), self.checks, "lightning_ft preference check-data")
         tokenizer, errors = self._load_tokenizer(), []
         self.train_examples = self._encode(train, tokenizer, errors)
         self.val_examples = self._encode(val, tokenizer, errors)
