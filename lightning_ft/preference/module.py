@@ -180,6 +180,10 @@ class PreferenceModule(FineTuneModule):
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed log-probability of each row's scored reply under the reference model, shape ``(rows,)``."""
+        if not self._reference and not hasattr(self.model, "disable_adapter"):
+            # Full fine-tuning with a precomputed reference: called before the first step, the model is the base.
+            values = token_logps(self.model, batch, self.hparams.logits_chunk_size, self.hparams.trained_logits_only)
+            return sequence_logps(values, batch["labels"])[0]
         with self.base_model() as base:
             values = token_logps(base, batch, self.hparams.logits_chunk_size, self.hparams.trained_logits_only)
         return sequence_logps(values, batch["labels"])[0]

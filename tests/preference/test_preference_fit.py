@@ -85,6 +85,13 @@ def test_other_objectives_train(tmp_path, tiny_model_dir, loss):
     assert ("val/ref_logps/chosen" in after) == (loss == "ipo") and ("val/nll" in after) == (loss == "orpo")
 
 
+def test_full_fine_tuning_with_precomputed_reference_needs_no_copy(tmp_path, tiny_model_dir):
+    module = PreferenceModule(tiny_model_dir, adapter=FullFineTune(), reference="precomputed", learning_rate=1e-3)
+    first = FirstLosses()
+    _trainer(tmp_path, 2, first).fit(module, _data(tmp_path, tiny_model_dir))
+    assert first.losses[0] == pytest.approx(math.log(2), abs=1e-6) and module._reference == []
+
+
 def test_full_fine_tuning_keeps_a_frozen_copy_as_reference(tmp_path, tiny_model_dir):
     module = PreferenceModule(tiny_model_dir, adapter=FullFineTune(), learning_rate=1e-3)
     first = FirstLosses()
