@@ -7,6 +7,7 @@ from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.generation import generate, load_for_generation
 from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
 from lightning_ft.module import FineTuneModule
+from lightning_ft.precision import resolve_precision
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,5 @@ __all__ = [
     "load_for_generation",
     "load_model",
     "load_tokenizer",
+    "resolve_precision",
 ]

@@ -10,10 +10,16 @@ The classes are plain typed constructors so LightningCLI shows their arguments i
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
+
+from lightning_ft.models import base_record, same_base
 
 
 def _check(problems: list[str], name: str) -> None:
@@ -237,3 +243,29 @@ class FullFineTune:
 
     def to_dict(self) -> dict[str, Any]:
         return {"class": type(self).__name__, **vars(self)}
+
+
+#: Written beside every adapter lightning_ft saves (``hf_model/``, exports): the base it was trained on.
+BASE_RECORD = "lightning_ft_base.json"
+
+
+def write_base_record(directory: str | os.PathLike, model: nn.Module, spec: str) -> None:
+    """Record in ``directory`` which base model an adapter belongs to (checked by :func:`check_base_record`)."""
+    Path(directory, BASE_RECORD).write_text(json.dumps(base_record(model, spec), indent=2))
+
+
+def check_base_record(directory: str | os.PathLike, base: nn.Module, spec: str) -> None:
+    """Refuse to put the adapter in ``directory`` onto ``base`` (loaded from ``spec``) when it was trained on another.
+
+    An adapter without the record (written by another tool) only gets a warning: it cannot be verified.
+    """
+    path = Path(directory, BASE_RECORD)
+    if not path.is_file():
+        warnings.warn(f"Adapter {directory} has no {BASE_RECORD} (not written by lightning_ft?): cannot check that "
+                      f"it was trained on base {spec!r}.", stacklevel=2)
+        return
+    record = json.loads(path.read_text())
+    if not same_base(record, base):
+        raise ValueError(f"Adapter {directory} was trained on base model {record.get('base_model')!r}, which differs "
+                         f"from the base {spec!r} it would be loaded onto (architecture or weights). Pass --model "
+                         "with the adapter's base.")

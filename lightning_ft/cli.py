@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Literal, Optional, Union
 
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning_fabric.connector import _PRECISION_INPUT
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_ft.callbacks.export import SaveHFModel
+from lightning_ft.callbacks.nonfinite import NonFiniteGuard
 from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.module import FineTuneModule
+from lightning_ft.run_dir import claim_run_directories
+from lightning_ft.precision import resolve_precision
 
 
 class FineTuneCLI(LightningCLI):
     """LightningCLI whose model and tokenizer settings flow into the datamodule through links.
 
     Always-on callbacks are configurable under their own keys: ``--checkpoint.*`` (ModelCheckpoint,
-    keeps ``last.ckpt``), ``--lr_monitor.*``, ``--progress_bar.*`` and ``--export.*`` (the Hugging
-    Face output written at the end of ``fit``).
+    keeps ``last.ckpt``), ``--lr_monitor.*``, ``--progress_bar.*``, ``--export.*`` (the Hugging
+    Face output written at the end of ``fit``) and ``--nan_guard.*`` (skips non-finite steps). ``fit``
+    claims its ``version_N`` log directory exclusively before writing anything.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -30,6 +37,27 @@ class FineTuneCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
         parser.add_lightning_class_args(SaveHFModel, "export")
+        parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+        _allow_auto_precision(parser)
+
+    def before_fit(self) -> None:
+        claim_run_directories(self.trainer)  # two fits started together must not share a version_N
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config["trainer"].get("precision") == "auto":
+            choice = resolve_precision(str(config["trainer"].get("accelerator") or "auto"))
+            config["trainer"]["precision"] = choice.precision
+            rank_zero_info(str(choice))
+
+
+def _allow_auto_precision(parser: LightningArgumentParser) -> None:
+    """Let ``trainer.precision`` take ``auto`` (the default), which :meth:`FineTuneCLI.before_instantiate_classes`
+    resolves with :func:`~lightning_ft.precision.resolve_precision` before the Trainer is built."""
+    action = next(a for a in parser._actions if a.dest == "trainer.precision")
+    # jsonargparse validates against this hint; Lightning's Literal has no "auto", so it is widened in place.
+    action._typehint = Optional[Union[Literal["auto"], _PRECISION_INPUT]]
+    parser.set_defaults({"trainer.precision": "auto"})
 
 
 #: Subcommands beyond Lightning's fit/validate/test/predict: name -> function(argv) -> exit code.

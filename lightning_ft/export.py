@@ -6,58 +6,15 @@ complete, so a crash leaves either the old directory or the new one, never a hal
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-@contextlib.contextmanager
-def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target`` that replaces it only if the block finishes without error."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
-    os.close(handle)
-    try:
-        yield Path(staging)
-        os.replace(staging, target)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a staging directory that replaces ``target`` only if the block finishes without error.
-
-    Args:
-        target: The directory to create or replace.
-        overwrite: ``False`` refuses an existing non-empty ``target`` before anything is written.
-    """
-    target = Path(target)
-    if not overwrite and target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"{target} already exists and is not empty: choose another directory or overwrite it.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield staging
-        os.chmod(staging, 0o755)
-        if target.exists():
-            old = target.with_name(f".{target.name}-old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+from lightning_ft.adapters import write_base_record
+from lightning_ft.atomic import atomic_directory, atomic_file, refuse_non_finite  # noqa: F401 (atomic_file's old home)
 
 
 def load_peft_source(source: str | os.PathLike, model: str | None = None, for_merge: bool = False):
@@ -103,7 +60,8 @@ def export(source: str | os.PathLike, output_dir: str | os.PathLike, merge_adapt
             generation config) loadable with ``AutoModelForCausalLM.from_pretrained``; its logits are
             checked against base+adapter before it is moved into place.
         model: The base model spec, when it differs from the one recorded with the source.
-        overwrite: Replace an existing ``output_dir``.
+        overwrite: Replace an existing ``output_dir``, only if it is empty or holds an earlier export and
+            nothing else (its ``lightning_ft_export.json`` lists the files it wrote).
         atol: Largest logit difference accepted between the merged model and base+adapter.
 
     Returns:
@@ -112,6 +70,7 @@ def export(source: str | os.PathLike, output_dir: str | os.PathLike, merge_adapt
     output_dir = Path(output_dir)
     if not overwrite and output_dir.exists() and any(output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} already exists and is not empty: pass --overwrite or another directory.")
+    _check_replaceable(output_dir)
     from peft import PeftModel
 
     peft_model, tokenizer = load_peft_source(source, model, for_merge=merge_adapter)
@@ -126,8 +85,38 @@ def export(source: str | os.PathLike, output_dir: str | os.PathLike, merge_adapt
         if diff > atol:
             raise ValueError(f"Merged model's logits differ from base+adapter by {diff:.3g} (> {atol}); nothing written.")
         result["max_logit_diff"] = diff
+    refuse_non_finite(final.state_dict(), str(output_dir))
     with atomic_directory(output_dir, overwrite=True) as staging:
         final.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / "lightning_ft_export.json").write_text(json.dumps({**result, "source": str(source)}, indent=2))
+        if kind == "adapter":
+            write_base_record(staging, peft_model, model or peft_model.peft_config[peft_model.active_adapter]
+                              .base_model_name_or_path)
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()) + [EXPORT_RECORD]
+        (staging / EXPORT_RECORD).write_text(json.dumps({**result, "source": str(source), "files": files}, indent=2))
     return result
+
+
+#: Written last into every export: what it holds, and the files it wrote (``--overwrite`` replaces only those).
+EXPORT_RECORD = "lightning_ft_export.json"
+
+
+def _check_replaceable(output_dir: Path) -> None:
+    """Refuse to replace ``output_dir`` unless it is missing, empty, or holds only an earlier export's files."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} is a file, not a directory: choose another --output_dir.")
+    present = sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*") if not p.is_dir()) \
+        if output_dir.is_dir() else []
+    if not present:
+        return
+    record = output_dir / EXPORT_RECORD
+    if record.is_file():
+        written = json.loads(record.read_text()).get("files")
+        foreign = [] if written is None else [name for name in present if name not in written]
+    else:
+        foreign = present
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{output_dir} holds files an export did not write ({shown}): --overwrite only "
+                              "replaces an earlier export. Move them or choose another --output_dir; nothing was "
+                              "written.")

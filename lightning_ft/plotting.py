@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning_ft.export import atomic_file
+from lightning_ft.atomic import atomic_file
 
 #: What ``lightning_ft plot`` draws when no ``--tags`` are given: forgetting, drift and adaptation.
 DEFAULT_TAGS = ("forgetting/acc", "forgetting/kl", "val/loss")

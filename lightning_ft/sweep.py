@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from lightning_ft.export import atomic_file
+from lightning_ft.atomic import atomic_file
 
 #: How far the default grid reaches either side of the centre learning rate (a factor of 10).
 DEFAULT_SPAN = 10.0

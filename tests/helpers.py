@@ -17,3 +17,14 @@ def chat_record(index: int) -> dict:
 def write_chat_file(path: Path, count: int, start: int = 0) -> str:
     path.write_text("".join(json.dumps(chat_record(i)) + "\n" for i in range(start, start + count)))
     return str(path)
+
+
+def write_varied_chat_file(path: Path, count: int) -> str:
+    """Conversations whose answers range from one to ~40 words, so padded batches are mostly padding."""
+    records = []
+    for i in range(count):
+        record = chat_record(i)
+        record["messages"][-1]["content"] = " ".join([f"It is {i + 1}."] * (1 + (i * 7) % 11))
+        records.append(json.dumps(record) + "\n")
+    path.write_text("".join(records))
+    return str(path)

@@ -99,3 +99,68 @@ def test_failed_write_leaves_the_old_directory_and_no_staging(tmp_path):
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
     assert console_main(["export", "--checkpoint", str(tmp_path / "nope.ckpt"), "--output_dir", str(tmp_path / "o")]) == 1
     assert "nope.ckpt" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def other_base_dir(tmp_path_factory):
+    """Same architecture and tokenizer as the tiny model, other weights: a different base."""
+    from conftest import TINY_TOKENIZER_DIR
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    target = tmp_path_factory.mktemp("other_base")
+    torch.manual_seed(1)
+    LlamaForCausalLM(LlamaConfig.from_pretrained(TINY_TOKENIZER_DIR)).save_pretrained(target)
+    AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR).save_pretrained(target)
+    return str(target)
+
+
+def test_adapter_onto_a_foreign_base_is_refused_everywhere(lora_run, other_base_dir, tiny_model_dir, tmp_path, capsys):
+    from lightning_ft.generation import load_for_generation
+
+    _, _, adapter_dir = lora_run
+    assert (adapter_dir / "lightning_ft_base.json").is_file()
+    out = tmp_path / "merged"
+    assert console_main(["export", "--checkpoint", str(adapter_dir), "--output_dir", str(out), "--merge",
+                         "--model", other_base_dir]) == 1
+    error = capsys.readouterr().err
+    assert f"was trained on base model '{tiny_model_dir}', which differs from the base '{other_base_dir}'" in error
+    assert not out.exists()
+    with pytest.raises(ValueError, match="was trained on base model .* which differs"):
+        load_for_generation(model=other_base_dir, adapter=str(adapter_dir))  # generate --adapter and chat
+    model, _ = load_for_generation(adapter=str(adapter_dir), dtype="bfloat16")  # same base, other dtype: fine
+    assert isinstance(model, PeftModel)
+
+
+def test_exported_adapter_carries_the_base_record_and_a_foreign_adapter_only_warns(lora_run, tmp_path):
+    import shutil
+
+    from lightning_ft.generation import load_for_generation
+
+    _, ckpt, adapter_dir = lora_run
+    export(ckpt, tmp_path / "exported")
+    record = json.loads((tmp_path / "exported" / "lightning_ft_base.json").read_text())
+    assert record["base_fingerprint"] == json.loads((adapter_dir / "lightning_ft_base.json").read_text())[
+        "base_fingerprint"]
+    foreign = shutil.copytree(adapter_dir, tmp_path / "foreign")
+    (foreign / "lightning_ft_base.json").unlink()
+    with pytest.warns(UserWarning, match="has no lightning_ft_base.json .* cannot check"):
+        load_for_generation(adapter=str(foreign))
+
+
+def test_overwrite_replaces_only_an_earlier_export(lora_run, tmp_path, capsys):
+    _, ckpt, _ = lora_run
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["export", "--checkpoint", str(ckpt), "--output_dir", str(out), "--overwrite"]
+    assert console_main(args) == 1
+    assert "holds files an export did not write (notes.txt): --overwrite only replaces an earlier export" in \
+        capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    assert console_main(args) == 0  # empty: fine
+    assert console_main(args) == 0  # an earlier export: replaced
+    (out / "my_notes.md").write_text("added by hand")
+    assert console_main(args) == 1
+    assert "(my_notes.md)" in capsys.readouterr().err
+    assert (out / "my_notes.md").read_text() == "added by hand" and (out / "adapter_model.safetensors").is_file()

@@ -39,7 +39,7 @@ def test_smollm2_masks_train_only_assistant_content_and_end_of_turn():
         elif token is not None:
             current.append(token)
     spans.append(tokenizer.decode(current)) if current else None
-    assert spans == ["Blue.<|im_end|>\n", "Green.<|im_end|>\n"]
+    assert spans == ["Blue.<|im_end|>", "Green.<|im_end|>"]
 
 
 def test_cli_fit_on_default_model_exports_adapter_with_identical_logits(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-from helpers import write_chat_file
+from helpers import write_chat_file, write_varied_chat_file
 
 from lightning_ft import ChatDataModule, FineTuneModule, FullFineTune, LoRA
 
@@ -31,11 +31,11 @@ class LossRecorder(pl.Callback):
             trainer.should_stop = True
 
 
-def run(model_dir, train, tmp_path, adapter, max_steps, ckpt_path=None, interrupt_at=None, save_to=None):
+def run(model_dir, train, tmp_path, adapter, max_steps, ckpt_path=None, interrupt_at=None, save_to=None, **data_args):
     pl.seed_everything(7)
     recorder = LossRecorder(interrupt_at, save_to)
     module = FineTuneModule(model_dir, adapter=adapter(), learning_rate=1e-3)
-    data = ChatDataModule(train, tokenizer=model_dir, batch_size=2)
+    data = ChatDataModule(train, tokenizer=model_dir, batch_size=2, **data_args)
     trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, callbacks=[recorder])
     trainer.fit(module, data, ckpt_path=ckpt_path)
@@ -57,6 +57,20 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tiny_model_dir, tmp_path, ad
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
     if module.adapter.method == "lora":  # the adapter is attached once, not twice
         assert sum("lora_A" in n for n, _ in module.named_parameters()) == 2 * 7  # 2 layers x 7 linear
+
+
+@pytest.mark.parametrize("mode", ["packed", "grouped"])
+def test_packed_and_grouped_runs_resume_exactly(tiny_model_dir, tmp_path, mode):
+    train = write_varied_chat_file(tmp_path / "train.jsonl", 12)  # 6 batches per epoch: step 4 is mid-epoch
+    settings = {"packing": False, "group_by_length": True} if mode == "grouped" else {}
+    lora = lambda: LoRA(r=4, dropout=0.0)  # noqa: E731
+    straight, _ = run(tiny_model_dir, train, tmp_path, lora, max_steps=8, **settings)
+    ckpt = tmp_path / "mid.ckpt"
+    run(tiny_model_dir, train, tmp_path, lora, max_steps=8, interrupt_at=4, save_to=ckpt, **settings)
+    resumed, _ = run(tiny_model_dir, train, tmp_path, lora, max_steps=8, ckpt_path=ckpt, **settings)
+    assert sorted(resumed) == list(range(5, 9))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
 
 
 def test_sigkilled_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
@@ -86,3 +100,41 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     final = root / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
     assert torch.load(final, weights_only=True)["global_step"] == step + 3
+
+
+def _logged_losses(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars("train/loss")}
+
+
+def test_resume_from_model_checkpoint_through_the_cli_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    """The user's path: quickstart config (``max_epochs`` set, so Lightning builds the training loader before it
+    restores its loop progress), a ``ModelCheckpoint(every_n_train_steps=2)`` file, ``fit --ckpt_path``."""
+    import json
+
+    from lightning_ft.cli import main
+
+    train = tmp_path / "train.jsonl"  # answers of very different lengths: batches train different token counts
+    train.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Count to {i}."},
+        {"role": "assistant", "content": " ".join(str(k) for k in range(1 + 7 * (i % 5)))},
+    ]}) + "\n" for i in range(25)))
+    root = tmp_path / "runs"
+    args = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--model.model_name", tiny_model_dir,
+            "--data.train_path", str(train), "--data.val_path", "null", "--data.batch_size", "4",
+            "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0", "--seed_everything", "7",
+            "--model.adapter.init_args.dropout", "0", "--model.learning_rate", "1e-3", "--trainer.max_steps", "5",
+            "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1",
+            "--progress_bar.refresh_rate", "0", "--trainer.default_root_dir", str(root)]
+    main(args)
+    ckpt = root / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0-step=2.ckpt"
+    main(args + ["--ckpt_path", str(ckpt)])
+    straight = _logged_losses(root / "lightning_logs" / "version_0")
+    resumed = _logged_losses(root / "lightning_logs" / "version_1")
+    assert sorted(resumed) == [2, 3, 4]
+    assert len({round(straight[step], 3) for step in straight}) == 5  # the steps really differ
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step

@@ -2,6 +2,7 @@
 
 from lightning_ft.callbacks.export import SaveHFModel
 from lightning_ft.callbacks.forgetting import ForgettingCheck
+from lightning_ft.callbacks.nonfinite import NonFiniteGuard, NonFiniteTrainingError
 from lightning_ft.callbacks.task_eval import TaskEval
 
-__all__ = ["ForgettingCheck", "SaveHFModel", "TaskEval"]
+__all__ = ["ForgettingCheck", "NonFiniteGuard", "NonFiniteTrainingError", "SaveHFModel", "TaskEval"]

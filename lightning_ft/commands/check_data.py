@@ -22,6 +22,7 @@ from typing import Any
 
 from lightning_ft.data.checks import (
     NEAR_DUPLICATE_THRESHOLD,
+    Finding,
     answer_text,
     lint_conversations,
     problem_finding,
@@ -104,6 +105,41 @@ def _surprises(cli: Any, scored: list[tuple[Conversation, dict]], tokenizer: Any
     }
 
 
+def label_findings(kept: list[tuple[Conversation, dict]], tokenizer: Any, chat_template: str | None,
+                   labelling: dict[str, Any]) -> tuple[list[Finding], dict | None]:
+    """Stop-marker warnings, and one example with its trained tokens marked ``[[...]]``, from the encoded data.
+
+    Warns when the template writes no stop marker after a reply (an eos is appended after the final one),
+    and when none of the model's stop tokens (its generation config's) is ever trained: generation would
+    then not stop where the training data ends replies.
+    """
+    from lightning_ft.data.collate import IGNORE_INDEX, mark_trained, render_conversation
+
+    findings = []
+    if kept:
+        first = kept[0][0]
+        with warnings.catch_warnings():  # said here as findings instead
+            warnings.simplefilter("ignore")
+            rendered = render_conversation(first.messages, tokenizer, chat_template, labelling["stop_tokens"],
+                                           labelling["train_reasoning"])
+        if rendered.eos_id is not None:
+            findings.append(Finding("warning", "no-stop-marker", first.source, "the chat template writes no stop "
+                                    f"marker after the final reply: {tokenizer.eos_token!r} is appended and trained"))
+        if any(not span.stopped for span in rendered.spans[:-1]):
+            findings.append(Finding("warning", "no-stop-marker", first.source, "the chat template writes no stop token "
+                                    "after replies other than the last: they train without one (set data.stop_tokens "
+                                    "to the model's stop tokens if its generation config lacks them)"))
+    configured = [t for t in labelling["stop_tokens"] if isinstance(t, int)]
+    trained = {label for _, example in kept for label in example["labels"] if label != IGNORE_INDEX}
+    if configured and kept and not trained & set(configured):
+        names = ", ".join(repr(tokenizer.decode([t])) for t in configured)
+        findings.append(Finding("warning", "stop-token-untrained", "", f"none of the model's stop tokens ({names}, "
+                                "from its generation config) is ever trained: generation will not stop where the "
+                                "training replies end"))
+    example = {"location": kept[0][0].source, "text": mark_trained(kept[0][1], tokenizer)} if kept else None
+    return findings, example
+
+
 def _too_deep(paths: list[str]) -> str:
     for path in paths:
         for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
@@ -139,13 +175,17 @@ def build_report(cli: Any, options: Any) -> dict[str, Any] | str:
     splits = {"train": train, "val": val, **extra}
     findings += lint_conversations(splits, options.near_threshold)
     tokenizer = load_tokenizer(data_module.tokenizer, data_module.chat_template)
-    stats, scored = {}, []
+    stats, scored, labelling = {}, [], data_module.labelling()
     for name, conversations in (("train", train), ("val", val)):
         if name == "train" or conversations:
-            stats[name], found, kept = token_checks(conversations, tokenizer, data_module.max_length,
-                                                    data_module.truncation, data_module.chat_template)
+            with warnings.catch_warnings():  # label_findings reports the template's stop markers
+                warnings.simplefilter("ignore")
+                stats[name], found, kept = token_checks(conversations, tokenizer, data_module.max_length,
+                                                        data_module.truncation, data_module.chat_template, labelling)
             findings += found
             scored += kept
+    found, example = label_findings(scored, tokenizer, data_module.chat_template, labelling)
+    findings += found
     surprises = _surprises(cli, scored, tokenizer, options) if options.surprise_top > 0 and scored else None
     return {
         **verdict(findings, options.strict),
@@ -154,12 +194,15 @@ def build_report(cli: Any, options: Any) -> dict[str, Any] | str:
         "max_length": data_module.max_length,
         "stats": stats,
         "surprises": surprises,
+        "example": example,
     }
 
 
 def _print_report(report: dict[str, Any], show: int) -> None:
     from rich.console import Console
+    from rich.rule import Rule
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     print_findings(console, report["findings"], show)
@@ -184,6 +227,10 @@ def _print_report(report: dict[str, Any], show: int) -> None:
         for item in surprises["top"]:
             table.add_row(f"{item['loss']:.3f}", item["location"], _short(item["prompt"]), _short(item["answer"], 120))
         console.print(table)
+    if report["example"]:
+        console.print(Rule(f"One example as trained ({report['example']['location']}): [[...]] is trained"))
+        console.print(Text(report["example"]["text"]))
+        console.print(Rule())
     print_verdict(console, report)
 
 

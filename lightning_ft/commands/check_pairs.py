@@ -63,7 +63,8 @@ def build_pair_report(cli: Any, options: Any) -> dict[str, Any] | str:
         for pair in pairs:
             for side in ("chosen", "rejected"):
                 try:
-                    example = encode_side(pair, side, tokenizer, 10**9, data_module.chat_template)
+                    example = encode_side(pair, side, tokenizer, 10**9, data_module.chat_template,
+                                          data_module.stop_tokens())
                 except ValueError as error:
                     findings.append(Finding("error", "unencodable", pair.source, f"{side}: {error}"))
                     continue

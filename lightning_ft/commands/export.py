@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True, help="where the Hugging Face directory is written")
     parser.add_argument("--merge", action="store_true", help="fold the adapter into the base: a standalone model")
     parser.add_argument("--model", default=None, help="base model spec, when it differs from the recorded one")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in output_dir (refused if it holds other files)")
     parser.add_argument("--atol", type=float, default=1e-3, help="largest logit difference accepted after merging")
     return parser
 

@@ -1,5 +1,6 @@
 """Chat data: file formats -> typed messages, tokenisation with assistant-only labels, the DataModule."""
 
+from lightning_ft.data.batching import BatchingChoice, choose_batching
 from lightning_ft.data.collate import (
     IGNORE_INDEX,
     ChatCollator,
@@ -23,6 +24,7 @@ from lightning_ft.data.formats import (
 )
 
 __all__ = [
+    "BatchingChoice",
     "FORMATS",
     "IGNORE_INDEX",
     "ROLES",
@@ -34,6 +36,7 @@ __all__ = [
     "EmptyLabelsError",
     "Message",
     "check_conversation",
+    "choose_batching",
     "collate",
     "count_trained",
     "encode_conversation",

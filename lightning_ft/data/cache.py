@@ -1,7 +1,7 @@
 """A disk cache of encoded conversations, so re-running (a sweep, a resume, a new config) skips tokenising.
 
-Keyed by the conversations' content, the tokenizer (its full serialisation), the chat template and the
-truncation settings: any change to one of them is a different key. Entries are written atomically as
+Keyed by the conversations' content, the tokenizer (its full serialisation), the chat template, the
+truncation and labelling settings (masking, stop tokens, reasoning) and the encoder's version: any change to one of them is a different key. Entries are written atomically as
 int32 tensors and read back with ``torch.load(weights_only=True)``.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,12 @@ import torch
 
 from lightning_ft.data.collate import Example
 from lightning_ft.data.formats import Conversation
-from lightning_ft.export import atomic_file
+from lightning_ft.atomic import atomic_file
 from lightning_ft.models import cache_dir
 
 #: Bumped whenever encoding itself changes (labels, truncation), invalidating every entry.
-ENCODING_VERSION = 1
+#: 2: labels located in the full render, through the stop marker (no longer the newline after it).
+ENCODING_VERSION = 2
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -33,12 +34,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def encoding_key(conversations: Sequence[Conversation], tokenizer: Any, chat_template: str | None,
-                 max_length: int, truncation: str) -> str:
-    """The cache key of encoding ``conversations`` with these settings."""
+                 max_length: int, truncation: str, labelling: Mapping[str, Any] | None = None) -> str:
+    """The cache key of encoding ``conversations`` with these settings (``labelling``: the label settings)."""
     digest = hashlib.sha256()
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     digest.update(json.dumps([ENCODING_VERSION, tokenizer_fingerprint(tokenizer), template, max_length,
-                              truncation]).encode())
+                              truncation, dict(labelling or {})], sort_keys=True).encode())
     for conversation in conversations:
         digest.update(json.dumps(conversation.messages, ensure_ascii=False).encode())
         digest.update(b"\x00")

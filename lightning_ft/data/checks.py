@@ -26,12 +26,12 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_ft.data.collate import (
     EmptyLabelsError,
-    _render,
     count_trained,
     encode_conversation,
     truncate_example,
 )
 from lightning_ft.data.formats import ROLES, Conversation, DataError, DataProblem
+from lightning_ft.data.labels import TemplateRefusedError, render_text
 
 Severity = Literal["error", "warning", "info"]
 #: Similarity (Jaccard over word 3-grams) from which two conversations count as near-duplicates.
@@ -399,7 +399,11 @@ def role_token_counts(messages: Sequence[Mapping[str, Any]], tokenizer: Any,
     """Tokens each role takes in the rendered conversation, template tokens (headers, end-of-turn) included."""
     counts, previous = dict.fromkeys(ROLES, 0), 0
     for end in range(1, len(messages) + 1):
-        length = len(_render(tokenizer, messages[:end], chat_template, add_generation_prompt=False))
+        try:
+            text = render_text(tokenizer, messages[:end], chat_template)
+        except TemplateRefusedError:  # e.g. a template that needs an assistant last: the next prefix counts it
+            continue
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         counts[messages[end - 1]["role"]] += max(0, length - previous)
         previous = length
     return counts
@@ -407,8 +411,12 @@ def role_token_counts(messages: Sequence[Mapping[str, Any]], tokenizer: Any,
 
 def token_checks(conversations: Sequence[Conversation], tokenizer: Any, max_length: int,
                  truncation: Literal["cut", "drop"] = "cut", chat_template: str | None = None,
+                 labelling: Mapping[str, Any] | None = None,
                  ) -> tuple[dict[str, Any], list[Finding], list[tuple[Conversation, dict[str, list[int]]]]]:
     """Count turns and tokens per role, trained tokens and truncation losses with the model's chat template.
+
+    ``labelling`` holds the label settings of :func:`~lightning_ft.data.collate.encode_conversation`
+    (``stop_tokens``, ``masking``, ``train_reasoning``), as the data module passes them.
 
     Returns:
         The counts, findings (``truncated`` warnings, errors for conversations that would train nothing or
@@ -417,7 +425,8 @@ def token_checks(conversations: Sequence[Conversation], tokenizer: Any, max_leng
     stats, findings, kept_examples = _empty_stats(), [], []
     for conversation in conversations:
         try:
-            example = encode_conversation(conversation.messages, tokenizer, chat_template=chat_template)
+            example = encode_conversation(conversation.messages, tokenizer, chat_template=chat_template,
+                                          **(labelling or {}))
             roles = role_token_counts(conversation.messages, tokenizer, chat_template)
         except EmptyLabelsError as error:
             findings.append(Finding("error", "no-trained-tokens", conversation.source, str(error)))

@@ -1,14 +1,17 @@
-"""Chat-template tokenisation with assistant-only labels, truncation and padding: pure functions.
+"""Chat-template tokenisation with labels on the replies and their stop markers, padding, packing: pure functions.
 
-Labels are found without ``{% generation %}`` markers or searching for marker strings: the template
-is rendered turn by turn and the token prefixes compared. For assistant message ``i`` the trained
-span starts after ``render(messages[:i], add_generation_prompt=True)`` (so the assistant header stays
-masked) and ends after ``render(messages[:i + 1])`` (so the end-of-turn token, e.g. ``<|im_end|>`` or
-``<|eot_id|>``, is learned and the model knows when to stop).
+The full render of a conversation is the single truth. The input ids are the template's text tokenised
+exactly as ``apply_chat_template`` does it (no special tokens added), plus one eos token when the template
+writes no stop marker after the final reply. Each reply and the stop marker the model must learn to emit
+(``<|im_end|>``, ``<|eot_id|>``, an eos, GLM's next role tag...) are located inside that text
+(:mod:`lightning_ft.data.labels`) and mapped to tokens with the tokenizer's offset mapping; everything
+else (system, user, headers, template filler after the marker) keeps label ``-100``.
 """
 
 from __future__ import annotations
 
+import bisect
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,77 +19,87 @@ from typing import Any, Literal
 import torch
 
 from lightning_ft.data.formats import check_conversation
+from lightning_ft.data.labels import ReplySpan, locate_replies, render_text, stop_texts, template_traits
 
 IGNORE_INDEX = -100
 Example = dict[str, list[int]]
+Masking = Literal["assistant", "last_assistant", "all"]
+MASKING = ("assistant", "last_assistant", "all")
+_WARNED: set[tuple[str, str | None]] = set()
 
 
 class EmptyLabelsError(ValueError):
     """A conversation that would contribute nothing to the loss (every label is ignored)."""
 
 
-def _render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], chat_template: str | None,
-            add_generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        list(messages), tokenize=True, add_generation_prompt=add_generation_prompt, chat_template=chat_template
-    )
-    # transformers 5 returns a BatchEncoding by default, transformers 4 a plain list.
-    if isinstance(ids, Mapping):
-        ids = ids["input_ids"]
-    return list(ids)
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation's render, its tokens and where its replies sit.
 
-
-def _boundary(tokenizer: Any, prefix: list[int], full: list[int], turn: int, side: Literal["start", "end"]) -> int:
-    """Where ``prefix`` ends inside ``full``, in ``full``'s tokens.
-
-    A BPE merge across the boundary (e.g. a header's ``"\\n\\n"`` token splitting when content follows)
-    breaks an exact token prefix. Token strings concatenate to the underlying text for byte-level and
-    SentencePiece BPE alike, so the rest of the prefix is matched as text; when a token of ``full``
-    straddles the boundary it is left untrained (conservative on both sides).
+    Attributes:
+        text: The template's text.
+        input_ids: Its tokens, plus ``eos_id`` when appended.
+        offsets: Character ``(start, end)`` of each token of ``text``.
+        spans: The located replies (character offsets into ``text``).
+        eos_id: The eos token appended after the final reply (its template writes no stop marker), or ``None``.
     """
-    common = 0
-    for a, b in zip(prefix, full):
-        if a != b:
-            break
-        common += 1
-    if common == len(prefix):
-        return common
-    tail = "".join(tokenizer.convert_ids_to_tokens(prefix[common:]))
-    text, end = "", common
-    while end < len(full) and len(text) < len(tail):
-        text += tokenizer.convert_ids_to_tokens(full[end])
-        end += 1
-    if not text.startswith(tail):
-        raise ValueError(
-            f"The chat template is not prefix-stable: rendering the conversation up to message {turn} "
-            f"diverges from the full render at token {common} of {len(prefix)}, so assistant turns cannot "
-            "be located. Templates that rewrite earlier turns (e.g. strip reasoning) need a `chat_template` "
-            "override that renders every turn the same way."
-        )
-    straddles = len(text) > len(tail)
-    return end - 1 if straddles and side == "end" else end
+
+    text: str
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    spans: list[ReplySpan]
+    eos_id: int | None
 
 
-def assistant_spans(messages: Sequence[Mapping[str, Any]], tokenizer: Any, full: list[int],
-                    chat_template: str | None = None) -> list[tuple[int, int]]:
-    """Token ``[start, end)`` of every assistant turn's content plus its end-of-turn token(s) in ``full``.
+def is_trained_message(message: Mapping[str, Any]) -> bool:
+    """False for an assistant message opted out with ``"train": false`` or ``"weight": 0``."""
+    return message.get("train", True) is not False and message.get("weight", 1) != 0
 
-    Args:
-        messages: A conversation that passes :func:`~lightning_ft.data.formats.check_conversation`.
-        tokenizer: A Hugging Face tokenizer with a chat template.
-        full: The token ids of the whole rendered conversation.
-        chat_template: Overrides the tokenizer's template.
+
+def _warn_once(key: tuple[str, str | None], message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def render_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, chat_template: str | None = None,
+                        stop_tokens: Sequence[int | str] | None = None, train_reasoning: bool = True) -> Rendered:
+    """Render, tokenise and locate every reply with its stop marker (see :func:`encode_conversation`)."""
+    text = render_text(tokenizer, messages, chat_template)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), [tuple(pair) for pair in encoded["offset_mapping"]]
+    spans = locate_replies(text, messages, template_traits(tokenizer, chat_template),
+                           stop_texts(tokenizer, stop_tokens), train_reasoning)
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    eos_id = None
+    if spans and spans[-1].message == len(messages) - 1 and not spans[-1].stopped:
+        eos_id = tokenizer.eos_token_id
+        if eos_id is None:
+            raise ValueError("the chat template writes no stop marker after the final reply and the tokenizer has "
+                             "no eos token to append: set `data.chat_template` to one that ends replies")
+        _warn_once(("eos", template), "The chat template writes no stop marker after the final reply: an eos token "
+                   f"({tokenizer.eos_token!r}) is appended to every conversation and trained, so the model learns "
+                   "to stop.")
+        ids.append(eos_id)
+    if any(not span.stopped for span in spans[:-1]):
+        _warn_once(("mid", template), "The chat template writes no stop token (of the model's generation config "
+                   "or the tokenizer's eos) after replies other than the last: those replies are trained without "
+                   "a stop marker. Pass the model's stop tokens (`stop_tokens`) if it has more than one.")
+    return Rendered(text, ids, offsets, spans, eos_id)
+
+
+def _token_range(rendered: Rendered, start: int, end: int) -> tuple[int, int]:
+    """Tokens ``[first, stop)`` covering characters ``[start, end)``.
+
+    A token that starts before ``start`` (a BPE merge of header and reply, e.g. ``"\\n  "``) is trained
+    only when what it adds in front of the reply is whitespace: no header character is ever a target.
     """
-    spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        header = _render(tokenizer, messages[:index], chat_template, add_generation_prompt=True)
-        turn = _render(tokenizer, messages[: index + 1], chat_template, add_generation_prompt=False)
-        start = _boundary(tokenizer, header, full, index, "start")
-        end = _boundary(tokenizer, turn, full, index, "end")
-        spans.append((start, max(start, end)))
-    return spans
+    starts = [s for s, _ in rendered.offsets]
+    ends = [e for _, e in rendered.offsets]
+    first = bisect.bisect_right(ends, start)
+    if first < len(starts) and starts[first] < start and rendered.text[starts[first]:start].strip():
+        first += 1
+    return first, bisect.bisect_left(starts, end)
 
 
 def count_trained(labels: Sequence[int]) -> int:
@@ -116,50 +129,84 @@ def truncate_example(example: Example, max_length: int, mode: Literal["cut", "dr
 
 
 def encode_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, max_length: int | None = None,
-                        chat_template: str | None = None) -> Example:
-    """Tokenise a conversation with its chat template and label only the assistant turns.
+                        chat_template: str | None = None, stop_tokens: Sequence[int | str] | None = None,
+                        masking: Masking = "assistant", train_reasoning: bool = True) -> Example:
+    """Tokenise a conversation with its chat template and label the replies with their stop markers.
 
     Args:
         messages: ``[{"role": ..., "content": ...}, ...]``: optional system message, then user and
-            assistant alternating, ending with the assistant.
-        tokenizer: A Hugging Face tokenizer with a chat template.
+            assistant alternating, ending with the assistant. An assistant message with ``"train": false``
+            or ``"weight": 0`` is not trained.
+        tokenizer: A Hugging Face (fast) tokenizer with a chat template.
         max_length: Keep only the first ``max_length`` tokens.
         chat_template: A Jinja template overriding the tokenizer's.
+        stop_tokens: Token ids or strings that end a reply: the model's ``generation_config.eos_token_id``
+            (a list for many families). The tokenizer's eos always counts; ``None`` means it alone.
+        masking: ``assistant`` trains every assistant reply, ``last_assistant`` only the final one, ``all``
+            every token (the opted-out replies excepted).
+        train_reasoning: Train ``<think>`` reasoning inside a reply where the template renders it (templates
+            that strip it from earlier turns leave nothing to train there); ``False`` trains the answers only.
 
     Returns:
-        ``input_ids`` exactly as ``apply_chat_template`` produces them, and ``labels`` aligned with
-        them (the model shifts internally): ``-100`` except on each assistant turn's content and
-        end-of-turn token(s).
+        ``input_ids`` exactly as ``apply_chat_template`` produces them (plus an eos token when the template
+        writes no stop marker after the final reply: a warning says so once), and ``labels`` aligned with
+        them (the model shifts internally): ``-100`` except on the trained replies and their stop markers.
 
     Raises:
-        ValueError: The conversation breaks the ordering rules, or the template is not prefix-stable.
-        EmptyLabelsError: No token is trained, e.g. truncation removed every assistant token.
+        ValueError: The conversation breaks the ordering rules, or ``masking`` is unknown.
+        TemplateRefusedError: The template raised on the conversation (its message and what to change).
+        EmptyLabelsError: No token is trained, e.g. truncation removed every trained token.
 
     Example:
         >>> example = encode_conversation(
         ...     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tokenizer)
         >>> tokenizer.decode([t for t in example["labels"] if t != -100])
-        'Hello!<|im_end|>\\n'
+        'Hello!<|im_end|>'
     """
+    if masking not in MASKING:
+        raise ValueError(f"masking={masking!r} is not one of: {', '.join(MASKING)}")
     problems = check_conversation(messages)
     if problems:
         raise ValueError("Invalid conversation: " + "; ".join(problems))
-    full = _render(tokenizer, messages, chat_template, add_generation_prompt=False)
-    labels = [IGNORE_INDEX] * len(full)
-    for start, end in assistant_spans(messages, tokenizer, full, chat_template):
-        labels[start:end] = full[start:end]
-    example = {"input_ids": full, "labels": labels}
+    rendered = render_conversation(messages, tokenizer, chat_template, stop_tokens, train_reasoning)
+    ids = rendered.input_ids
+    labels = list(ids) if masking == "all" else [IGNORE_INDEX] * len(ids)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    for span in rendered.spans:
+        first, stop = _token_range(rendered, span.start, span.end)
+        if span.message == last and rendered.eos_id is not None:
+            stop = len(ids)  # through the appended eos
+        if not is_trained_message(messages[span.message]):
+            labels[first:stop] = [IGNORE_INDEX] * (stop - first)
+        elif masking == "assistant" or span.message == last:
+            labels[first:stop] = ids[first:stop]
+    example = {"input_ids": ids, "labels": labels}
     if not count_trained(labels):
-        raise EmptyLabelsError("conversation yields no trained token: the chat template renders no assistant tokens")
+        raise EmptyLabelsError("conversation yields no trained token: the chat template renders no assistant reply "
+                               "verbatim, or every reply is opted out (train: false / weight: 0)")
     if max_length is not None:
         example = truncate_example(example, max_length, "cut")
         if not count_trained(example["labels"]):
             first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
             raise EmptyLabelsError(
                 f"conversation yields no trained token after truncation to max_length={max_length}: "
-                f"its first assistant token is at position {first}"
+                f"its first trained token is at position {first}"
             )
     return example
+
+
+def mark_trained(example: Example, tokenizer: Any) -> str:
+    """The example's text with every trained run of tokens wrapped in ``[[...]]`` (for ``check-data``)."""
+    parts, run, trained = [], [], None
+    for token, label in [*zip(example["input_ids"], example["labels"]), (None, None)]:
+        flag = label != IGNORE_INDEX
+        if (flag != trained or token is None) and run:
+            text = tokenizer.decode(run)
+            parts.append(f"[[{text}]]" if trained else text)
+            run = []
+        run.append(token)
+        trained = flag
+    return "".join(parts)
 
 
 def collate(examples: Sequence[Example], pad_token_id: int,

@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_ft.data.collate import (
+    MASKING,
     ChatCollator,
     EmptyLabelsError,
     Example,
@@ -20,13 +21,14 @@ from lightning_ft.data.collate import (
     encode_conversation,
     truncate_example,
 )
+from lightning_ft.data.batching import BatchingChoice, choose_batching
 from lightning_ft.data.cache import encoding_key
 from lightning_ft.data.cache import load as load_encoded
 from lightning_ft.data.cache import save as save_encoded
 from lightning_ft.data.checks import enforce, lint_conversations
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem, scan_file
-from lightning_ft.models import load_tokenizer
+from lightning_ft.models import generation_stop_ids, load_tokenizer
 
 #: The general conversations shipped for replay (200, written for the package).
 DEFAULT_REPLAY = str(Path(__file__).resolve().parents[1] / "benchmarks" / "general_chat.jsonl")
@@ -65,10 +67,14 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
         "seed": (_is_int(args["seed"]), "must be an integer"),
         "checks": (args["checks"] in ("warn", "strict", "off"), "must be one of: warn, strict, off"),
         "packing": (args["packing"] in (True, False, "auto"), "must be true, false or 'auto'"),
-        "group_by_length": (isinstance(args["group_by_length"], bool), "must be true or false"),
+        "group_by_length": (args["group_by_length"] in (True, False, "auto"), "must be true, false or 'auto'"),
         "encode_cache": (isinstance(args["encode_cache"], bool), "must be true or false"),
         "replay_path": (args["replay_path"] is None or isinstance(args["replay_path"], (str, os.PathLike)),
                         "must be a chat data file, 'default' (the shipped general conversations), or None"),
+        "stop_tokens": (args["stop_tokens"] is None or (isinstance(args["stop_tokens"], (list, tuple)) and all(
+            isinstance(t, str) or _is_int(t) for t in args["stop_tokens"])), "must be a list of token ids or strings, or None"),
+        "masking": (args["masking"] in MASKING, f"must be one of: {', '.join(MASKING)}"),
+        "train_reasoning": (isinstance(args["train_reasoning"], bool), "must be true or false"),
         "replay_ratio": (isinstance(args["replay_ratio"], (int, float)) and not isinstance(args["replay_ratio"], bool)
                          and 0.0 <= args["replay_ratio"] < 1.0, "must be a number in [0, 1)"),
     }
@@ -109,18 +115,19 @@ class ChatDataModule(LightningDataModule):
         truncation: What to do with longer conversations: ``cut`` keeps the first ``max_length``
             tokens, ``drop`` skips the conversation.
         pad_to_multiple_of: Round each batch's padded length up to a multiple of this.
-        packing: Pack each batch's conversations into as few rows of ``max_length`` tokens as fit, with
-            position ids restarting per conversation and attention kept inside each (no padding compute;
-            the same conversations per step and the same loss as padded batches). ``auto`` packs when the
-            LightningModule's ``supports_packing()`` says so: :class:`~lightning_ft.FineTuneModule` packs
-            when the model's attention takes packed rows natively (flash or flex attention) and keeps packed
-            conversations apart (measured once), and pads with SDPA or eager attention, where a packed row
-            is attended densely and measured slower. Other modules get padded batches.
+        packing: Pack each batch's conversations into rows, with position ids restarting per conversation
+            and attention kept inside each (no padding compute; the same conversations per step and the same
+            loss as padded batches). Rows hold the whole batch when the attention keeps conversations apart
+            by itself (flash, flex, or the per-sequence SDPA :class:`~lightning_ft.FineTuneModule` switches
+            to), else ``max_length`` tokens each. ``auto`` packs when shuffled padded batches would be more
+            than 10% padding and the LightningModule's ``supports_packing()`` says yes (see
+            :func:`~lightning_ft.data.batching.choose_batching`); other modules get padded or grouped batches.
         group_by_length: Without packing, batch conversations of similar length together (seeded: sorted
             within windows of 50 batches, then the batches shuffled), so less of each batch is padding.
+            ``auto`` groups when batches are not packed and would be more than 10% padding.
         encode_cache: Keep encoded conversations on disk (``$LIGHTNING_FT_CACHE/encoded``), keyed by their
-            content, the tokenizer, the chat template and the truncation settings, so later runs on the same
-            data skip tokenising.
+            content, the tokenizer, the chat template, the truncation and labelling settings, so later runs on
+            the same data skip tokenising.
         num_workers: DataLoader worker processes.
         seed: Seeds the validation split, the training shuffle and the replay draws.
         replay_path: General conversations mixed into training to keep what the base model knew (replay);
@@ -129,6 +136,13 @@ class ChatDataModule(LightningDataModule):
         replay_ratio: Share of every epoch's training conversations drawn from the replay data, e.g. 0.2
             adds one replay conversation per four task ones (a fresh seeded draw every epoch; the task
             data is all used as before). Validation stays task-only.
+        masking: Which tokens are trained: ``assistant`` every assistant reply with its stop marker,
+            ``last_assistant`` only the final reply, ``all`` every token (``train_on_inputs``-style). An
+            assistant message with ``"train": false`` or ``"weight": 0`` is never trained.
+        stop_tokens: Token ids or strings that end a reply, besides the tokenizer's eos. ``None`` reads them
+            from the model's ``generation_config.json`` (``eos_token_id``) in the ``tokenizer`` model spec.
+        train_reasoning: Train ``<think>`` reasoning inside assistant messages where the chat template renders
+            it (templates that strip it from earlier turns leave it out there); ``false`` trains answers only.
         checks: Data checks before training: ``warn`` prints duplicates, leakage and inconsistencies once,
             ``strict`` stops on them like on bad records, ``off`` skips them (bad records always stop a run).
 
@@ -157,8 +171,11 @@ class ChatDataModule(LightningDataModule):
         replay_path: str | None = None,
         replay_ratio: float = 0.0,
         packing: bool | Literal["auto"] = "auto",
-        group_by_length: bool = False,
+        group_by_length: bool | Literal["auto"] = "auto",
         encode_cache: bool = True,
+        masking: Literal["assistant", "last_assistant", "all"] = "assistant",
+        stop_tokens: list[int | str] | None = None,
+        train_reasoning: bool = True,
     ) -> None:
         super().__init__()
         args = dict(locals())
@@ -184,6 +201,9 @@ class ChatDataModule(LightningDataModule):
         self.packing = packing
         self.group_by_length = group_by_length
         self.encode_cache = encode_cache
+        self.masking = masking
+        self.stop_tokens = None if stop_tokens is None else list(stop_tokens)
+        self.train_reasoning = train_reasoning
         #: A ready tokenizer object; when set it is used instead of loading ``tokenizer``.
         self.tokenizer_obj: Any = None
         #: Counts from :meth:`setup`: conversations, tokens, trained tokens, truncated, dropped.
@@ -191,6 +211,7 @@ class ChatDataModule(LightningDataModule):
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
         self.replay_examples: list[Example] = []
+        self._resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     def scan(self) -> tuple[dict[str, list[Conversation]], list[DataProblem]]:
         """Read the files without raising on bad records: the good conversations per file and every problem.
@@ -247,6 +268,12 @@ class ChatDataModule(LightningDataModule):
             raise ValueError("The tokenizer has no chat template: set `chat_template` (a Jinja string).")
         return self.tokenizer_obj
 
+    def labelling(self) -> dict[str, Any]:
+        """The labelling settings of :func:`~lightning_ft.data.collate.encode_conversation`, stop tokens resolved."""
+        if self.stop_tokens is None:
+            self.stop_tokens = generation_stop_ids(self.tokenizer) if self.tokenizer is not None else []
+        return {"stop_tokens": self.stop_tokens, "masking": self.masking, "train_reasoning": self.train_reasoning}
+
     def _check(self, train: list[Conversation], val: list[Conversation]) -> None:
         """Model-free data checks: warnings printed once (rank zero), or raised with ``checks="strict"``."""
         if self.checks != "off":
@@ -259,7 +286,8 @@ class ChatDataModule(LightningDataModule):
             return []
         key = None
         if self.encode_cache:
-            key = encoding_key(conversations, tokenizer, self.chat_template, self.max_length, self.truncation)
+            key = encoding_key(conversations, tokenizer, self.chat_template, self.max_length, self.truncation,
+                               self.labelling())
         hit = load_encoded(key) if key else None
         if hit is not None:
             examples, counts = hit
@@ -279,7 +307,8 @@ class ChatDataModule(LightningDataModule):
         examples = []
         for conversation in conversations:
             try:
-                example = encode_conversation(conversation.messages, tokenizer, chat_template=self.chat_template)
+                example = encode_conversation(conversation.messages, tokenizer, chat_template=self.chat_template,
+                                              **self.labelling())
             except EmptyLabelsError as error:
                 errors.append(f"{conversation.source}: {error}")
                 continue
@@ -377,18 +406,36 @@ class ChatDataModule(LightningDataModule):
             raise ValueError("The tokenizer has neither a pad nor an EOS token: set tokenizer_obj.pad_token.")
         return pad
 
-    def packs(self) -> bool:
-        """Whether batches are packed: ``packing``, with ``auto`` asking the trainer's LightningModule."""
-        if self.packing != "auto":
-            return bool(self.packing)
+    def batching(self) -> BatchingChoice:
+        """Padded, length-grouped or packed training batches, chosen from the training lengths by
+        :func:`~lightning_ft.data.batching.choose_batching` (asking the trainer's LightningModule whether its
+        attention packs natively: ``supports_packing()``)."""
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        return bool(module is not None and hasattr(module, "supports_packing") and module.supports_packing())
+        lengths = [len(e["input_ids"]) for e in self.train_examples + self.replay_examples]
 
-    def _loader(self, examples: list[Example], shuffle: bool, replay: list[Example] | None = None) -> DataLoader:
+        def packs_natively() -> bool:
+            return bool(hasattr(module, "supports_packing") and module.supports_packing())
+
+        if self.packing is True:
+            packs_natively()  # lets the module switch to an attention that packs without a dense mask
+        return choose_batching(lengths, self.batch_size, self.packing, self.group_by_length, packs_natively)
+
+    def packs(self) -> bool:
+        """Whether batches are packed (see :meth:`batching`)."""
+        return self.batching().mode == "packed"
+
+    def _loader(self, examples: list[Example], shuffle: bool, replay: list[Example] | None = None,
+                choice: BatchingChoice | None = None) -> DataLoader:
         # Seeded per epoch (seed + epoch): reproducible, different every epoch, and resumable mid-epoch.
         replay = replay or []
-        packed = self.packs()
-        lengths = [len(e["input_ids"]) for e in examples + replay] if self.group_by_length and not packed else None
+        choice = choice or self.batching()
+        packed = choice.mode == "packed"
+        lengths = [len(e["input_ids"]) for e in examples + replay] if choice.mode == "grouped" else None
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        # One row per batch when the attention keeps packed conversations apart itself; else rows of max_length,
+        # as a dense block-diagonal mask costs quadratically in the row length.
+        whole_batch = packed and bool(getattr(module, "packs_natively", lambda: False)())
+        pack_length = self.max_length * (self.batch_size if whole_batch else 1)
         sampler = ResumableSampler(len(examples), seed=self.seed, shuffle=shuffle, replay_size=len(replay),
                                    replay_per_epoch=self.replay_per_epoch() if replay else 0,
                                    lengths=lengths, batch_size=self.batch_size)
@@ -400,7 +447,7 @@ class ChatDataModule(LightningDataModule):
             # run's dropout masks would drift from the uninterrupted run's.
             generator=torch.Generator().manual_seed(self.seed),
             collate_fn=ChatCollator(self._pad_token_id(), self.pad_to_multiple_of,
-                                    pack_length=self.max_length if packed else None),
+                                    pack_length=pack_length if packed else None),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -409,18 +456,37 @@ class ChatDataModule(LightningDataModule):
         """Shuffled training batches; after a mid-epoch resume, only the batches the epoch has left."""
         if not self.train_examples:
             raise ValueError("No training data: set train_path and call setup('fit') first.")
-        loader = self._loader(self.train_examples, shuffle=True, replay=self.replay_examples)
+        choice = self.batching()
+        rank_zero_info(str(choice))
+        loader = self._loader(self.train_examples, shuffle=True, replay=self.replay_examples, choice=choice)
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
-            # Loop progress is restored from the checkpoint before Lightning asks for the loader.
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            epoch, done = self._resume_position or (trainer.current_epoch,
+                                                    trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            self._resume_position = None
             if 0 < done < len(loader):
                 if trainer.world_size > 1:
                     rank_zero_warn("Resuming mid-epoch under a multi-process strategy restarts the epoch's data "
                                    "order from its beginning; single-process runs resume exactly.")
                 else:
-                    loader.sampler.resume_at(trainer.current_epoch, done * self.batch_size)
+                    loader.sampler.resume_at(epoch, done * self.batch_size)
         return loader
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the data: the epoch and the batches of it already trained on.
+
+        Saved with every checkpoint because Lightning may build the training loader before it restores its
+        loop progress (``configure_optimizers`` reading ``estimated_stepping_batches`` under ``max_epochs``),
+        while a datamodule's state is restored first.
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        return {"epoch": trainer.current_epoch, "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in file order, or ``[]`` when there is no validation data."""

@@ -8,6 +8,9 @@ Four record formats are understood, detected per file from the first record whos
     sharegpt           {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
     prompt_completion  {"prompt": "..." | [messages], "completion": "..." | [messages]}
 
+An assistant message (``messages``, ``sharegpt`` and message lists) may carry ``"train": false`` or
+``"weight": 0`` to keep it out of the loss (e.g. a bad early turn), kept on the message as ``train``.
+
 ``.jsonl`` files hold one record per line (blank lines skipped); ``.json`` files hold one JSON list.
 :func:`scan_file` never raises on bad data: it returns the good conversations and a list of
 :class:`DataProblem`. :func:`read_conversations` raises one :class:`DataError` listing them all.
@@ -19,14 +22,15 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 
 class Message(TypedDict):
-    """One chat turn."""
+    """One chat turn; ``train`` is present (false) only on an assistant turn opted out of the loss."""
 
     role: str
     content: str
+    train: NotRequired[bool]
 
 
 ROLES = ("system", "user", "assistant")
@@ -191,9 +195,30 @@ def _message_list(value: Any, name: str, role_key: str = "role", content_key: st
                 problems.append((f"{where}.{role_key}", f"unknown speaker {item[role_key]!r} "
                                                         f"(allowed: {', '.join(speakers)})"))
                 continue
-        messages.append({"role": role, "content": item[content_key]})
+        message = {"role": role, "content": item[content_key]}
+        opt_out = _opt_out(item, role, where)
+        if isinstance(opt_out, tuple):
+            problems.append(opt_out)
+            continue
+        if opt_out:
+            message["train"] = False
+        messages.append(message)
         fields.append((f"{where}.{role_key}", f"{where}.{content_key}"))
     return messages, fields, problems
+
+
+def _opt_out(item: Mapping[str, Any], role: Any, where: str) -> bool | tuple[str, str]:
+    """Whether a message opts out of training (``"train": false`` or ``"weight": 0``), or the problem with it."""
+    if "train" not in item and "weight" not in item:
+        return False
+    train, weight = item.get("train", True), item.get("weight", 1)
+    if not isinstance(train, bool):
+        return f"{where}.train", f"must be true or false, got {_type_name(train)}"
+    if isinstance(weight, bool) or weight not in (0, 1):
+        return f"{where}.weight", f"must be 0 (not trained) or 1, got {weight!r}"
+    if role != "assistant" and (not train or weight == 0):
+        return where, "only an assistant message can opt out of training (train: false / weight: 0)"
+    return not train or weight == 0
 
 
 def _from_messages(record: dict[str, Any]) -> _Extracted:
@@ -378,7 +403,7 @@ def scan_file(path: str | Path, format: FormatName = "auto",
         messages, issues = _convert(record, resolved, system_prompt)
         problems += [DataProblem(path, number, field, text, unit) for field, text in issues]
         if messages:
-            typed = tuple(Message(role=message["role"], content=message["content"]) for message in messages)
+            typed = tuple(Message(**message) for message in messages)  # type: ignore[typeddict-item]
             conversations.append(Conversation(typed, _location(path, number, unit)))
     problems.sort(key=lambda problem: problem.line or 0)
     return conversations, problems

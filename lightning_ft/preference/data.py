@@ -137,35 +137,27 @@ def read_pairs(path: str | Path, system_prompt: str | None = None) -> list[Prefe
     return pairs
 
 
-def _final_reply_start(labels: Sequence[int]) -> int:
-    """Start of the last run of trained labels: the final reply (earlier assistant turns end before a user turn)."""
-    end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-    start = end
-    while start > 0 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    return start
-
-
-def encode_side(pair: PreferencePair, side: str, tokenizer: Any, max_length: int,
-                chat_template: str | None = None) -> dict[str, list[int]]:
-    """Tokenise ``prompt + [reply]`` with SFT's masking, scoring only the final reply and its stop marker.
+def encode_side(pair: PreferencePair, side: str, tokenizer: Any, max_length: int, chat_template: str | None = None,
+                stop_tokens: Sequence[int | str] | None = None) -> dict[str, list[int]]:
+    """Tokenise ``prompt + [reply]`` with SFT's labelling, scoring only the final reply and its stop marker.
 
     Longer sequences keep their first ``max_length`` tokens; a reply that would lose every token raises
-    :class:`~lightning_ft.data.collate.EmptyLabelsError`.
+    :class:`~lightning_ft.data.collate.EmptyLabelsError`. ``stop_tokens`` are the model's end-of-reply tokens
+    (see :func:`~lightning_ft.data.collate.encode_conversation`).
     """
-    example = encode_conversation(pair.conversation(side), tokenizer, chat_template=chat_template)
-    start = _final_reply_start(example["labels"])
+    example = encode_conversation(pair.conversation(side), tokenizer, chat_template=chat_template,
+                                  stop_tokens=stop_tokens, masking="last_assistant")
+    start = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
     if start >= max_length:
         raise EmptyLabelsError(f"{pair.source}: the {side} reply starts at token {start}, past "
                                f"max_length={max_length}: raise max_length or shorten the prompt")
-    labels = [IGNORE_INDEX] * start + example["labels"][start:]
-    return {"input_ids": example["input_ids"][:max_length], "labels": labels[:max_length]}
+    return {"input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}
 
 
-def encode_pair(pair: PreferencePair, tokenizer: Any, max_length: int,
-                chat_template: str | None = None) -> dict[str, dict[str, list[int]]]:
+def encode_pair(pair: PreferencePair, tokenizer: Any, max_length: int, chat_template: str | None = None,
+                stop_tokens: Sequence[int | str] | None = None) -> dict[str, dict[str, list[int]]]:
     """Both sides of a pair encoded by :func:`encode_side`: ``{"chosen": {...}, "rejected": {...}}``."""
-    return {side: encode_side(pair, side, tokenizer, max_length, chat_template) for side in SIDES}
+    return {side: encode_side(pair, side, tokenizer, max_length, chat_template, stop_tokens) for side in SIDES}
 
 
 def collate_pairs(examples: Sequence[Mapping[str, Any]], pad_token_id: int,

@@ -15,7 +15,7 @@ from lightning_ft.data.checks import enforce
 from lightning_ft.data.collate import EmptyLabelsError
 from lightning_ft.data.formats import DataError, DataProblem
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
-from lightning_ft.models import load_tokenizer
+from lightning_ft.models import generation_stop_ids, load_tokenizer
 from lightning_ft.preference.checks import lint_pairs
 from lightning_ft.preference.data import PairCollator, PreferencePair, encode_pair, scan_pairs
 
@@ -89,6 +89,7 @@ class PreferenceDataModule(LightningDataModule):
         self.train_examples: list[dict[str, Any]] = []
         self.val_examples: list[dict[str, Any]] = []
         self._reference_state: dict[str, list[list[float]]] = {}
+        self._stop_tokens: list[int] | None = None
 
     # -- reading -------------------------------------------------------------------------------------
     def scan(self) -> tuple[dict[str, list[PreferencePair]], list[DataProblem]]:
@@ -127,12 +128,18 @@ class PreferenceDataModule(LightningDataModule):
         examples = []
         for pair in pairs:
             try:
-                examples.append(encode_pair(pair, tokenizer, self.max_length, self.chat_template))
+                examples.append(encode_pair(pair, tokenizer, self.max_length, self.chat_template, self.stop_tokens()))
             except EmptyLabelsError as error:
                 errors.append(str(error))
             except ValueError as error:  # a template problem, the same for every pair: stop here
                 raise ValueError(f"{pair.source}: {error}") from error
         return examples
+
+    def stop_tokens(self) -> list[int]:
+        """The model's end-of-reply token ids (its generation config's eos), learned after every reply."""
+        if self._stop_tokens is None:
+            self._stop_tokens = generation_stop_ids(self.tokenizer) if self.tokenizer is not None else []
+        return self._stop_tokens
 
     def prepare_data(self) -> None:
         """Read, check and encode everything before Lightning creates any log directory."""

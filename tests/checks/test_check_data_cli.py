@@ -173,3 +173,30 @@ def test_fit_with_strict_checks_stops_before_anything_is_written(tiny_model_dir,
 def test_invalid_checks_setting_is_rejected():
     with pytest.raises(ValueError, match=r"checks='loud': must be one of: warn, strict, off"):
         ChatDataModule("x.jsonl", checks="loud")
+
+
+def test_one_example_is_shown_with_its_trained_spans_marked(capsys, tiny_model_dir, tmp_path):
+    train = write_chat_file(tmp_path / "train.jsonl", 3)
+    code, report = json_report(capsys, tiny_model_dir, train)
+    assert code == 0 and report["example"] == {
+        "location": f"{train}:1",
+        "text": "<|im_start|>system\nAnswer briefly.<|im_end|>\n<|im_start|>user\nWhat is 0 plus one?<|im_end|>\n"
+                "<|im_start|>assistant\n[[It is 1.<|im_end|>]]\n",
+    }
+    code, out, _ = check_data(capsys, tiny_model_dir, train, None, "--surprise_top", "0")
+    assert "[[It is 1.<|im_end|>]]" in out
+
+
+def test_template_without_stop_markers_and_untrained_stop_tokens_warn(capsys, tiny_model_dir, tmp_path):
+    train = write_records(tmp_path / "train.jsonl", [{"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+        {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}])
+    plain = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    code, report = json_report(capsys, tiny_model_dir, train, None, "--model.chat_template", plain,
+                               "--data.stop_tokens", "[0]")
+    found = {(f["code"], f["message"].split(":")[0]) for f in report["findings"]}
+    assert found == {("no-stop-marker", "the chat template writes no stop marker after the final reply"),
+                     ("no-stop-marker", "the chat template writes no stop token after replies other than the last"),
+                     ("stop-token-untrained", "none of the model's stop tokens ('<|endoftext|>', from its generation "
+                                              "config) is ever trained")}
+    assert report["example"]["text"] == "user: Hi\nassistant: [[Yo]]\nuser: Hi?\nassistant:[[ Hello.\n<|im_end|>]]"

@@ -1,4 +1,4 @@
-"""Assistant-only labels from turn-by-turn template renders, truncation and padding, on hand-written inputs."""
+"""Assistant-only labels located in the full render, truncation and padding, on hand-written inputs."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ LLAMA3_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-# Announces the number of turns up front, so rendering a prefix of the conversation changes its start.
+# Announces the number of turns up front, so rendering a prefix of the conversation changes its start
+# (labels from diffing prefix renders could not mask it).
 UNSTABLE_TEMPLATE = (
     "{{ 'A chat with ' + (messages | length | string) + ' messages.\n' }}{% for message in messages %}"
     "{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
@@ -70,7 +71,7 @@ def test_chatml_single_turn_trains_content_and_end_of_turn(tiny_tokenizer):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! {\"a\": 1}"}]
     example = encode_conversation(messages, tiny_tokenizer)
     assert example["input_ids"] == chat_template_ids(tiny_tokenizer, messages)
-    assert trained_spans(tiny_tokenizer, example) == ['Hello! {"a": 1}<|im_end|>\n']
+    assert trained_spans(tiny_tokenizer, example) == ['Hello! {"a": 1}<|im_end|>']
     # Labels align with input_ids (the model shifts): each trained label is the token at its position.
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(example["input_ids"], example["labels"]))
 
@@ -78,7 +79,7 @@ def test_chatml_single_turn_trains_content_and_end_of_turn(tiny_tokenizer):
 def test_chatml_multi_turn_never_trains_system_or_user(tiny_tokenizer):
     example = encode_conversation(MULTI_TURN, tiny_tokenizer)
     assert example["input_ids"] == chat_template_ids(tiny_tokenizer, MULTI_TURN)
-    assert trained_spans(tiny_tokenizer, example) == ["It is 4.<|im_end|>\n", "Six, of course!<|im_end|>\n"]
+    assert trained_spans(tiny_tokenizer, example) == ["It is 4.<|im_end|>", "Six, of course!<|im_end|>"]
     # Everything before the first trained token, the assistant header included, is masked.
     first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
     prompt = tiny_tokenizer.decode(example["input_ids"][:first])
@@ -97,21 +98,26 @@ def test_chat_template_argument_overrides_tokenizer(tiny_tokenizer, llama3_token
     # llama3_tokenizer knows the special tokens; give it ChatML's template through the argument.
     chatml = tiny_tokenizer.chat_template
     example = encode_conversation(MULTI_TURN[1:3], llama3_tokenizer, chat_template=chatml)
-    assert trained_spans(llama3_tokenizer, example) == ["It is 4.<|im_end|>\n"]
+    assert trained_spans(llama3_tokenizer, example) == ["It is 4.<|im_end|>"]
 
 
 def test_bpe_merge_across_boundary_leaves_straddling_token_untrained(tiny_tokenizer):
     # The tiny vocab merges "\n" + two spaces into one token, so content starting with three spaces fuses
-    # with the header's newline. That token is not trained: no header byte is ever a target.
+    # with the header's newline. That token is not trained: no header byte is ever a target. The reply's
+    # own leading whitespace is outside the located (stripped) reply, but the token "Ġindented" that carries
+    # one space of it is what the model generates, so it is trained.
     messages = [{"role": "user", "content": "Code?"}, {"role": "assistant", "content": "   indented"}]
     example = encode_conversation(messages, tiny_tokenizer)
     assert "ĊĠĠ" in tiny_tokenizer.convert_ids_to_tokens(example["input_ids"])
-    assert trained_spans(tiny_tokenizer, example) == [" indented<|im_end|>\n"]
+    assert trained_spans(tiny_tokenizer, example) == [" indented<|im_end|>"]
 
 
-def test_template_that_is_not_prefix_stable_raises(tiny_tokenizer):
-    with pytest.raises(ValueError, match=r"not prefix-stable: rendering the conversation up to message 2 diverges"):
-        encode_conversation(MULTI_TURN, tiny_tokenizer, chat_template=UNSTABLE_TEMPLATE)
+def test_template_that_is_not_prefix_stable_is_masked_from_its_full_render(tiny_tokenizer):
+    # No marker and no stop token after any reply: the earlier ones train bare (with a warning), the
+    # final one gets an appended eos.
+    with pytest.warns(UserWarning):
+        example = encode_conversation(MULTI_TURN, tiny_tokenizer, chat_template=UNSTABLE_TEMPLATE)
+    assert trained_spans(tiny_tokenizer, example) == [" It is 4.", " Six, of course!\n<|im_end|>"]
 
 
 def test_invalid_conversation_raises(tiny_tokenizer):
@@ -121,16 +127,17 @@ def test_invalid_conversation_raises(tiny_tokenizer):
 
 def test_truncation_inside_an_assistant_turn(tiny_tokenizer):
     full = encode_conversation(MULTI_TURN, tiny_tokenizer)
-    second = len(full["labels"]) - full["labels"][::-1].index(IGNORE_INDEX)  # first token of the last span
+    trained_at = [i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX]
+    second = next(i for previous, i in zip(trained_at, trained_at[1:]) if i != previous + 1)  # the last span's start
     cut = encode_conversation(MULTI_TURN, tiny_tokenizer, max_length=second + 2)
     assert cut["input_ids"] == full["input_ids"][: second + 2]
     assert cut["labels"] == full["labels"][: second + 2]
-    assert trained_spans(tiny_tokenizer, cut) == ["It is 4.<|im_end|>\n", tiny_tokenizer.decode(cut["input_ids"][-2:])]
+    assert trained_spans(tiny_tokenizer, cut) == ["It is 4.<|im_end|>", tiny_tokenizer.decode(cut["input_ids"][-2:])]
 
 
 def test_truncation_that_removes_every_trained_token(tiny_tokenizer):
     with pytest.raises(EmptyLabelsError, match=r"conversation yields no trained token after truncation to "
-                                               r"max_length=10: its first assistant token is at position \d+"):
+                                               r"max_length=10: its first trained token is at position \d+"):
         encode_conversation(MULTI_TURN, tiny_tokenizer, max_length=10)
 
 

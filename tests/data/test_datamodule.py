@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_TOKENIZER_DIR
 
-from lightning_ft.data.collate import IGNORE_INDEX
+from lightning_ft.data import datamodule
+from lightning_ft.data.collate import IGNORE_INDEX, encode_conversation
 from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.data.formats import DataError
 
@@ -172,3 +174,34 @@ def test_dataloader_workers_can_pickle_the_collator(train_file):
     data = make(train_file, num_workers=1, batch_size=5)
     batches = list(data.train_dataloader())
     assert len(batches) == 4 and all(isinstance(batch["input_ids"], torch.Tensor) for batch in batches)
+
+
+def test_masking_stop_tokens_and_reasoning_reach_the_encoder(tmp_path, monkeypatch):
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "train": False},
+                           {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello there."}]}
+    path = write_jsonl(tmp_path / "t.jsonl", [record])
+
+    def trained(**kwargs) -> str:
+        data = make(path, encode_cache=False, **kwargs)
+        [example] = data.train_examples
+        return data.tokenizer_obj.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+
+    assert trained() == "Hello there.<|im_end|>"  # the opted-out reply stays masked
+    data = make(path, encode_cache=False, masking="all")
+    ids, labels = data.train_examples[0]["input_ids"], data.train_examples[0]["labels"]
+    assert data.tokenizer_obj.decode([t for t, label in zip(ids, labels) if label == IGNORE_INDEX]) == "Yo<|im_end|>"
+    seen = []
+    monkeypatch.setattr(datamodule, "encode_conversation", lambda *a, **kw: seen.append(kw) or encode_conversation(*a, **kw))
+    assert trained(stop_tokens=["<|endoftext|>"], train_reasoning=False, masking="last_assistant") == "Hello there.<|im_end|>"
+    assert seen == [{"chat_template": None, "stop_tokens": ["<|endoftext|>"], "masking": "last_assistant",
+                     "train_reasoning": False}]
+    with pytest.raises(ValueError, match=r"stop_tokens=\[1.5\]: must be a list of token ids or strings, or None\n"
+                                         r"  masking='some': must be one of: assistant, last_assistant, all"):
+        ChatDataModule(path, masking="some", stop_tokens=[1.5])
+
+
+def test_stop_tokens_default_to_the_models_generation_config(tiny_model_dir, tmp_path):
+    (Path(tiny_model_dir) / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    data = ChatDataModule(str(tmp_path / "t.jsonl"), tokenizer=tiny_model_dir)
+    assert data.labelling() == {"stop_tokens": [2, 0], "masking": "assistant", "train_reasoning": True}
+    assert ChatDataModule("t.jsonl", tokenizer=TINY_TOKENIZER_DIR).labelling()["stop_tokens"] == []

@@ -273,3 +273,30 @@ def test_deeply_nested_line_is_a_problem_not_a_crash(tmp_path):
     conversations, problems = scan_file(str(path))
     assert [str(p) for p in problems] == [f"{path}:1: invalid record: JSON nested too deeply"]
     assert len(conversations) == 1
+
+
+# --- per-message opt-out ------------------------------------------------------------------------------
+
+
+def test_train_false_and_weight_zero_survive_parsing(tmp_path):
+    turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5", "train": False},
+             {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "4", "train": True}]
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo", "weight": 0},
+                                  {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello!", "weight": 1}]}
+    [first] = read_conversations(write_jsonl(tmp_path / "train.jsonl", {"messages": turns}))
+    [second] = read_conversations(write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt))
+    assert first.messages[1] == {"role": "assistant", "content": "5", "train": False}
+    assert first.messages[3] == {"role": "assistant", "content": "4"}
+    assert second.messages[1]["train"] is False and "train" not in second.messages[3]
+
+
+def test_bad_opt_out_values_are_reported_with_their_field(tmp_path):
+    record = {"messages": [{"role": "user", "content": "Hi", "train": False},
+                           {"role": "assistant", "content": "Yo", "weight": 0.5}]}
+    other = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "train": "no"}]}
+    _, problems = scan_file(write_jsonl(tmp_path / "t.jsonl", record, other))
+    assert [str(problem).split("t.jsonl:")[1] for problem in problems] == [
+        "1: messages[0]: only an assistant message can opt out of training (train: false / weight: 0)",
+        "1: messages[1].weight: must be 0 (not trained) or 1, got 0.5",
+        "2: messages[1].train: must be true or false, got a string",
+    ]

@@ -7,9 +7,10 @@ from unittest import mock
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers import write_chat_file
+from helpers import write_chat_file, write_varied_chat_file
 
 from lightning_ft import ChatDataModule, FineTuneModule, LoRA
+from lightning_ft.attention import PER_SEQUENCE_SDPA
 from lightning_ft.data.collate import IGNORE_INDEX, collate, collate_packed, pack_rows
 from lightning_ft.data.sampling import ResumableSampler
 from lightning_ft.losses import packing_is_exact
@@ -49,9 +50,11 @@ def _per_token_losses(model, batch, spans):
     return out
 
 
-def test_packed_per_token_loss_equals_unpacked(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["dense-mask", "per-sequence-sdpa"])
+def test_packed_per_token_loss_equals_unpacked(tiny_model_dir, tmp_path, per_sequence):
     module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4, dropout=0.0))
     module.configure_model()
+    assert module.supports_packing() if per_sequence else not module.packs_natively()
     module.model.eval()
     data = ChatDataModule(write_chat_file(tmp_path / "t.jsonl", 6), tokenizer=tiny_model_dir, batch_size=6,
                           system_prompt="Be brief.")
@@ -59,7 +62,9 @@ def test_packed_per_token_loss_equals_unpacked(tiny_model_dir, tmp_path):
     examples = data.train_examples[:6]
     examples[1] = {key: values[:-3] for key, values in examples[1].items()}  # varied lengths
     padded = collate(examples, pad_token_id=0)
-    packed = collate_packed(examples, pad_token_id=0, max_length=2 * max(len(e["input_ids"]) for e in examples))
+    longest = max(len(e["input_ids"]) for e in examples)
+    # per-sequence attention packs the whole batch into one row; the dense mask rows of twice the longest
+    packed = collate_packed(examples, pad_token_id=0, max_length=6 * longest if per_sequence else 2 * longest)
     assert packed["input_ids"].shape[0] < len(examples)
     rows = pack_rows([len(e["input_ids"]) for e in examples], packed["input_ids"].shape[1])
     packed_spans = {}
@@ -111,12 +116,12 @@ def test_packing_probe_accepts_llama_and_refuses_a_model_that_mixes_rows(tiny_mo
     assert not packing_is_exact(_LeakyLM())
 
 
-def test_auto_packs_only_where_attention_takes_packed_rows_natively(tiny_model_dir):
+def test_sdpa_switches_to_per_sequence_attention_to_pack(tiny_model_dir):
     module = FineTuneModule(tiny_model_dir)
     module.configure_model()
     config = module.model.get_base_model().config
-    assert config._attn_implementation == "sdpa" and not module.packs_natively() and not module.supports_packing()
-    assert module.packing_is_exact()  # measured under sdpa; the kernels below are not installed here
+    assert config._attn_implementation == "sdpa" and not module.packs_natively()
+    assert module.supports_packing() and config._attn_implementation == PER_SEQUENCE_SDPA and module.packs_natively()
     for implementation, native in (("flash_attention_2", True), ("kernels-community/flash-attn3", True),
                                    ("flex_attention", True), ("eager", False)):
         with mock.patch.object(type(config), "_attn_implementation", new_callable=mock.PropertyMock,
@@ -124,27 +129,53 @@ def test_auto_packs_only_where_attention_takes_packed_rows_natively(tiny_model_d
             assert module.packs_natively() == module.supports_packing() == native
     eager = FineTuneModule(tiny_model_dir, attn_implementation="eager")
     eager.configure_model()
-    assert eager.model.get_base_model().config._attn_implementation == "eager" and not eager.packs_natively()
+    assert not eager.supports_packing() and eager.model.get_base_model().config._attn_implementation == "eager"
+    compiled = FineTuneModule(tiny_model_dir, compile=True)
+    compiled.configure_model()
+    assert not compiled.supports_packing()  # a compiled layer would break its graph on the per-sequence loop
 
 
-def test_fit_auto_pads_on_sdpa_packs_when_told_or_native(tiny_model_dir, tmp_path):
+def test_fit_chooses_batching_from_the_data(tiny_model_dir, tmp_path):
     seen = {}
 
     class Spy(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.setdefault(name, []).append(batch)
 
-    for name, packing, native in (("auto", "auto", False), ("native", "auto", True), ("true", True, False)):
-        module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4))
-        data = ChatDataModule(write_chat_file(tmp_path / "p.jsonl", 8), tokenizer=tiny_model_dir, batch_size=4,
-                              packing=packing)
-        with mock.patch.object(FineTuneModule, "packs_natively", return_value=native):
-            pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                       enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()]).fit(module, data)
-    for name in ("native", "true"):
-        assert all("position_ids" in b and "attention_mask" not in b for b in seen[name])
-        assert all(b["input_ids"].shape[0] < 4 for b in seen[name])
-    assert all("attention_mask" in b and b["input_ids"].shape[0] == 4 for b in seen["auto"])
+    varied = write_varied_chat_file(tmp_path / "v.jsonl", 16)
+    uniform = write_chat_file(tmp_path / "u.jsonl", 16)
+    cases = {"varied": (varied, {}), "uniform": (uniform, {}), "eager": (varied, {}),
+             "off": (varied, {"packing": False, "group_by_length": False}), "told": (uniform, {"packing": True})}
+    for name, (path, settings) in cases.items():
+        module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4), attn_implementation="eager" if name == "eager" else None)
+        data = ChatDataModule(path, tokenizer=tiny_model_dir, batch_size=4, **settings)
+        pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()]).fit(module, data)
+        seen[name + "_mode"] = data.batching().mode
+    assert seen["varied_mode"] == seen["told_mode"] == "packed"
+    assert (seen["uniform_mode"], seen["eager_mode"], seen["off_mode"]) == ("padded", "grouped", "padded")
+    for name in ("varied", "told"):  # per-sequence attention: the whole batch in one row, no padding at all
+        assert all("attention_mask" not in b and b["input_ids"].shape[0] == 1 and b["token_mask"].all()
+                   for b in seen[name])
+    assert all("attention_mask" in b and b["input_ids"].shape[0] == 4 for b in seen["uniform"] + seen["eager"])
+
+
+def test_grouped_epoch_has_the_same_token_loss_as_a_padded_one(tiny_model_dir, tmp_path):
+    module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4, dropout=0.0))
+    module.configure_model()
+    module.model.eval()
+    path = write_varied_chat_file(tmp_path / "g.jsonl", 12)
+    totals = []
+    for group in (False, True):
+        data = ChatDataModule(path, tokenizer=tiny_model_dir, batch_size=4, packing=False, group_by_length=group)
+        data.setup("fit")
+        batches = list(data.train_dataloader())
+        with torch.no_grad():
+            sums = [module._loss_sum(batch)[:2] for batch in batches]
+        totals.append((sum(float(s) for s, _ in sums), sum(int(n) for _, n in sums),
+                       sum(b["input_ids"].numel() for b in batches)))
+    assert totals[0][1] == totals[1][1] and totals[0][0] == pytest.approx(totals[1][0], rel=1e-5)
+    assert totals[1][2] < totals[0][2]  # grouped batches carry less padding
 
 
 def test_length_grouped_batches_hold_similar_lengths():

@@ -31,7 +31,7 @@ def test_prompt_batches_score_only_positions_before_assistant_tokens(prompts, ti
     batch = batches[0]
     row = batch.input_ids[0]
     predicted = row[1:][batch.scored[0, :-1]]
-    reply = prompts[0].messages[-1]["content"] + "<|im_end|>\n"
+    reply = prompts[0].messages[-1]["content"] + "<|im_end|>"
     assert tiny_tokenizer.decode(predicted) == reply
     assert not batch.scored[batch.attention_mask == 0].any()
 
