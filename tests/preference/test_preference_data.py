@@ -70,8 +70,8 @@ def test_only_the_final_reply_and_its_stop_marker_are_scored(tiny_tokenizer):
     pair, _ = parse_record({"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
                                        {"role": "user", "content": "Again"}], "chosen": "Hello", "rejected": "Bye"})
     encoded = encode_pair(pair, tiny_tokenizer, 256)
-    assert _scored(encoded["chosen"], tiny_tokenizer) == "Hello<|im_end|>\n"
-    assert _scored(encoded["rejected"], tiny_tokenizer) == "Bye<|im_end|>\n"
+    assert _scored(encoded["chosen"], tiny_tokenizer) == "Hello<|im_end|>"
+    assert _scored(encoded["rejected"], tiny_tokenizer) == "Bye<|im_end|>"
     first = encoded["chosen"]["labels"].index(next(t for t in encoded["chosen"]["labels"] if t != IGNORE_INDEX))
     assert encoded["chosen"]["input_ids"][:first] == encoded["rejected"]["input_ids"][:first]  # shared prompt
 
