@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -28,50 +30,95 @@ def _write_claim(directory: Path) -> None:
         handle.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
 
 
-def _claim_next(logger: pl.loggers.Logger) -> None:
+def _directory(logger: pl.loggers.Logger, version: int | str) -> Path:
+    return Path(logger.root_dir) / (version if isinstance(version, str) else f"version_{version}")
+
+
+def _first_missing(directory: Path) -> Path | None:
+    """The highest ancestor of ``directory`` (itself included) that does not exist yet."""
+    missing = None
+    for path in (directory, *directory.parents):
+        if path.exists():
+            return missing
+        missing = path
+    return missing
+
+
+def _claim_next(logger: pl.loggers.Logger, next_version: Callable[[], int]) -> int:
     version = -1
     while True:
-        version = max(version + 1, logger._get_next_version())
-        logger._version = version
-        directory = Path(logger.log_dir)
+        version = max(version + 1, next_version())
+        directory = _directory(logger, version)
         directory.parent.mkdir(parents=True, exist_ok=True)
         try:
             directory.mkdir()
         except FileExistsError:
             continue  # another run took this number between the listing and the mkdir
         _write_claim(directory)
-        return
+        return version
 
 
-def _claim_fixed(logger: pl.loggers.Logger) -> None:
-    directory = Path(logger.log_dir)
+def _claim_fixed(logger: pl.loggers.Logger, version: int | str) -> int | str:
+    directory = _directory(logger, version)
     directory.mkdir(parents=True, exist_ok=True)
     try:
         _write_claim(directory)
     except FileExistsError:
         owner = (directory / CLAIM_FILE).read_text().strip()
-        raise RunDirectoryTaken(f"Log directory {directory} (logger version {logger.version!r}) belongs to another "
-                                f"run ({owner}). Choose another version, or leave it unset for the next free "
+        raise RunDirectoryTaken(f"Log directory {directory} (logger version {version!r}) belongs to another run "
+                                f"({owner}). Choose another version, or leave it unset for the next free "
                                 "version_N.") from None
     others = sorted(p.name for p in directory.iterdir() if p.name != CLAIM_FILE)
     if others:
         (directory / CLAIM_FILE).unlink()
-        raise RunDirectoryTaken(f"Log directory {directory} (logger version {logger.version!r}) already holds an "
-                                f"earlier run ({', '.join(others[:5])}). Choose another version, or leave it unset "
-                                "for the next free version_N.")
+        raise RunDirectoryTaken(f"Log directory {directory} (logger version {version!r}) already holds an earlier "
+                                f"run ({', '.join(others[:5])}). Choose another version, or leave it unset for the "
+                                "next free version_N.")
+    return version
+
+
+class RunDirectoryClaim(pl.Callback):
+    """Claims each versioned logger's directory when Lightning first asks for its version, and gives it back
+    if the run fails before writing anything into it (bad data stops a run with nothing left behind)."""
+
+    def __init__(self) -> None:
+        self.claimed: list[tuple[Path, Path]] = []  # (run directory, highest directory created for it)
+
+    def claim(self, logger: pl.loggers.Logger, fixed: int | str | None, next_version: Callable[[], int]) -> int | str:
+        top = _first_missing(_directory(logger, fixed if fixed is not None else next_version()))
+        version = _claim_next(logger, next_version) if fixed is None else _claim_fixed(logger, fixed)
+        directory = _directory(logger, version)
+        self.claimed.append((directory, top if top is not None and directory.is_relative_to(top) else directory))
+        return version
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        for directory, top in self.claimed:
+            if [p.name for p in directory.iterdir()] != [CLAIM_FILE]:
+                continue  # the run wrote something: keep it for the post-mortem
+            (directory / CLAIM_FILE).unlink()
+            for path in (directory, *directory.parents):
+                try:
+                    path.rmdir()  # only empty directories, only up to the first one this claim created
+                except OSError:
+                    break
+                if path == top:
+                    break
+        self.claimed.clear()
 
 
 def claim_run_directories(trainer: pl.Trainer) -> None:
-    """Create each versioned logger's directory exclusively before anything is written (global rank zero only).
+    """Make each versioned logger (TensorBoard, CSV) claim its directory exclusively when it first needs it.
 
-    Loggers without numbered versions (or ones whose version was already decided) are left alone.
+    Global rank zero only: the other processes get their directories from rank zero. Loggers without
+    numbered versions are left alone.
     """
     if rank_zero_only.rank != 0:
         return
+    claim = RunDirectoryClaim()
     for logger in trainer.loggers:
-        if not hasattr(logger, "_get_next_version") or not hasattr(logger, "_version"):
+        if not all(hasattr(logger, name) for name in ("_get_next_version", "_version", "root_dir")):
             continue
-        if logger._version is None:
-            _claim_next(logger)
-        else:
-            _claim_fixed(logger)
+        fixed, logger._version = logger._version, None
+        # The logger resolves an unset version through _get_next_version: that call now claims it.
+        logger._get_next_version = partial(claim.claim, logger, fixed, logger._get_next_version)
+    trainer.callbacks.append(claim)

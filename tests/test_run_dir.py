@@ -18,15 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _claim(logger):
-    claim_run_directories(SimpleNamespace(loggers=[logger]))
+    claim_run_directories(SimpleNamespace(loggers=[logger], callbacks=[]))
     return logger.version
 
 
-def test_a_version_taken_between_listing_and_mkdir_moves_to_the_next(tmp_path, monkeypatch):
-    assert _claim(TensorBoardLogger(tmp_path)) == 0
-    late = TensorBoardLogger(tmp_path)
-    monkeypatch.setattr(late, "_get_next_version", lambda: 0)  # listed before the other run made version_0
-    assert _claim(late) == 1
+def test_a_version_taken_between_listing_and_mkdir_moves_to_the_next(tmp_path):
+    first, late = TensorBoardLogger(tmp_path), TensorBoardLogger(tmp_path)
+    late._get_next_version = lambda: 0  # it listed the root before the other run made version_0
+    claim_run_directories(SimpleNamespace(loggers=[first, late], callbacks=[]))
+    assert not (tmp_path / "lightning_logs").exists()  # nothing is created before the run first writes
+    assert first.version == 0
+    assert late.version == 1
     assert _claim(CSVLogger(tmp_path, name="lightning_logs")) == 2
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1", "version_2"]
     assert (tmp_path / "lightning_logs" / "version_1" / CLAIM_FILE).is_file()
@@ -43,6 +45,14 @@ def test_a_fixed_version_held_by_another_run_is_refused(tmp_path):
     with pytest.raises(RunDirectoryTaken, match=r"already holds an earlier run \(hparams.yaml\)"):
         _claim(TensorBoardLogger(tmp_path, version=3))
     assert sorted(p.name for p in earlier.iterdir()) == ["hparams.yaml"]
+
+
+def test_a_run_that_fails_before_writing_gives_its_directory_back(tmp_path):
+    trainer = SimpleNamespace(loggers=[TensorBoardLogger(tmp_path / "runs")], callbacks=[])
+    claim_run_directories(trainer)
+    assert trainer.loggers[0].version == 0 and (tmp_path / "runs" / "lightning_logs" / "version_0").is_dir()
+    trainer.callbacks[0].on_exception(trainer, None, ValueError("bad data"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow  # two CLI processes: about a minute on 2 CPU cores

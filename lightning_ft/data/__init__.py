@@ -8,6 +8,7 @@ from lightning_ft.data.collate import (
     collate,
     count_trained,
     encode_conversation,
+    mark_trained,
     truncate_example,
 )
 from lightning_ft.data.datamodule import ChatDataModule
@@ -22,6 +23,7 @@ from lightning_ft.data.formats import (
     read_conversations,
     scan_file,
 )
+from lightning_ft.data.labels import TemplateRefusedError
 
 __all__ = [
     "BatchingChoice",
@@ -35,11 +37,13 @@ __all__ = [
     "DataProblem",
     "EmptyLabelsError",
     "Message",
+    "TemplateRefusedError",
     "check_conversation",
     "choose_batching",
     "collate",
     "count_trained",
     "encode_conversation",
+    "mark_trained",
     "read_conversations",
     "scan_file",
     "truncate_example",

@@ -1,8 +1,9 @@
 """A disk cache of encoded conversations, so re-running (a sweep, a resume, a new config) skips tokenising.
 
 Keyed by the conversations' content, the tokenizer (its full serialisation), the chat template, the
-truncation and labelling settings (masking, stop tokens, reasoning) and the encoder's version: any change to one of them is a different key. Entries are written atomically as
-int32 tensors and read back with ``torch.load(weights_only=True)``.
+truncation and labelling settings (masking, stop tokens, reasoning) and the encoder's version: any change
+to one of them is a different key. Entries are written atomically as int32 tensors and read back with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations

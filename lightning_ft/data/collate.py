@@ -91,15 +91,19 @@ def render_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, c
 def _token_range(rendered: Rendered, start: int, end: int) -> tuple[int, int]:
     """Tokens ``[first, stop)`` covering characters ``[start, end)``.
 
-    A token that starts before ``start`` (a BPE merge of header and reply, e.g. ``"\\n  "``) is trained
-    only when what it adds in front of the reply is whitespace: no header character is ever a target.
+    A token that straddles either edge (a BPE merge of header and reply, e.g. ``"\\n  "``, or of a plain
+    text marker and the next header, ``"|><"``) is trained only when what it adds outside the span is
+    whitespace: no header character is ever a target.
     """
     starts = [s for s, _ in rendered.offsets]
     ends = [e for _, e in rendered.offsets]
     first = bisect.bisect_right(ends, start)
     if first < len(starts) and starts[first] < start and rendered.text[starts[first]:start].strip():
         first += 1
-    return first, bisect.bisect_left(starts, end)
+    stop = bisect.bisect_left(starts, end)
+    if stop > first and ends[stop - 1] > end and rendered.text[end:ends[stop - 1]].strip():
+        stop -= 1
+    return first, stop
 
 
 def count_trained(labels: Sequence[int]) -> int:

@@ -72,7 +72,8 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
         "replay_path": (args["replay_path"] is None or isinstance(args["replay_path"], (str, os.PathLike)),
                         "must be a chat data file, 'default' (the shipped general conversations), or None"),
         "stop_tokens": (args["stop_tokens"] is None or (isinstance(args["stop_tokens"], (list, tuple)) and all(
-            isinstance(t, str) or _is_int(t) for t in args["stop_tokens"])), "must be a list of token ids or strings, or None"),
+            isinstance(t, str) or _is_int(t) for t in args["stop_tokens"])),
+            "must be a list of token ids or strings, or None"),
         "masking": (args["masking"] in MASKING, f"must be one of: {', '.join(MASKING)}"),
         "train_reasoning": (isinstance(args["train_reasoning"], bool), "must be true or false"),
         "replay_ratio": (isinstance(args["replay_ratio"], (int, float)) and not isinstance(args["replay_ratio"], bool)

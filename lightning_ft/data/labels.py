@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -41,6 +41,7 @@ class TemplateTraits:
         user_header: The text right before a later user turn's content (``""`` when unknown).
         reply_preamble: The text between a user turn's content and the reply, the same in every turn.
         system_first: Whether a system message is rendered before the first user turn.
+        special_tokens: The tokenizer's special tokens, e.g. role tags.
     """
 
     generation_prompt: str | None
@@ -48,6 +49,7 @@ class TemplateTraits:
     user_header: str = ""
     reply_preamble: str = ""
     system_first: bool = False
+    special_tokens: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,8 @@ def _end_marker(tokenizer: Any, full: str, positions: list[int], header: str | N
         marker = _common_token_prefix(tokenizer, ending, after_final).strip()
     # The header proper starts after the previous turn's end marker (the suffix above may hold both).
     for end in (marker, tokenizer.eos_token):
-        if end and end.strip() and end in user_header:
-            user_header = user_header[user_header.rindex(end) + len(end):]
+        if end and end.strip() and end in after_mid:
+            return marker, after_mid[after_mid.index(end) + len(end):]
     return marker, user_header
 
 
@@ -167,7 +169,9 @@ def template_traits(tokenizer: Any, chat_template: str | None) -> TemplateTraits
     key = (template, getattr(tokenizer, "name_or_path", None), tokenizer.bos_token, tokenizer.eos_token,
            len(tokenizer), os.getpid())
     if key not in _TRAITS:
-        _TRAITS[key] = _learn_traits(tokenizer, chat_template)
+        decoder = getattr(tokenizer, "added_tokens_decoder", {})
+        specials = tuple(token.content for token in decoder.values() if getattr(token, "special", False))
+        _TRAITS[key] = replace(_learn_traits(tokenizer, chat_template), special_tokens=specials)
     return _TRAITS[key]
 
 
@@ -175,7 +179,10 @@ def stop_texts(tokenizer: Any, stop_tokens: Sequence[int | str] | None) -> tuple
     """The text of every stop token: ``stop_tokens`` (ids or strings) plus the tokenizer's eos."""
     texts = [tokenizer.eos_token] if tokenizer.eos_token else []
     for token in stop_tokens or ():
-        texts.append(tokenizer.decode([token]) if isinstance(token, int) else token)
+        if isinstance(token, str):
+            texts.append(token)
+        elif 0 <= token < len(tokenizer):  # a generation config may name ids of another vocabulary
+            texts.append(tokenizer.decode([token]))
     return tuple(dict.fromkeys(text for text in texts if text and text.strip()))
 
 
@@ -212,13 +219,20 @@ def _locate_reply(text: str, content: str, cursor: int, train_reasoning: bool, r
     return thought, found + len(answer)
 
 
-def _stop_end(text: str, end: int, limit: int, stops: Sequence[str], marker: str) -> int | None:
-    """Where the first stop marker after a reply ends (before ``limit``), or ``None`` when there is none."""
+def _stop_end(text: str, end: int, limit: int, stops: Sequence[str], traits: TemplateTraits,
+              between_turns: bool) -> int | None:
+    """Where the first stop marker after a reply ends (before ``limit``), or ``None`` when there is none.
+
+    With no stop token and no end-of-turn text, a special token that opens the next turn (GLM's
+    ``<|user|>``) is the signal the model stops with: the template writes nothing else between turns.
+    """
     region = text[end:limit]
     candidates = [found + len(stop) for stop in stops if (found := region.find(stop)) >= 0]
     lead = len(region) - len(region.lstrip())
-    if marker and region[lead:].startswith(marker):
-        candidates.append(lead + len(marker))
+    if traits.end_marker and region[lead:].startswith(traits.end_marker):
+        candidates.append(lead + len(traits.end_marker))
+    if not candidates and between_turns:
+        candidates = [lead + len(tag) for tag in traits.special_tokens if region[lead:].startswith(tag)][:1]
     return end + min(candidates) if candidates else None
 
 
@@ -258,7 +272,7 @@ def locate_replies(text: str, messages: Sequence[Mapping[str, Any]], traits: Tem
         following = messages[index + 1]["content"].strip() if index + 1 < len(messages) else None
         limit = _find_user(text, following, end, traits) if following else -1
         limit = len(text) if limit < 0 else limit
-        stop = _stop_end(text, end, limit, stops, traits.end_marker)
+        stop = _stop_end(text, end, limit, stops, traits, following is not None)
         if stop is None and following is None and not text[end:].strip():
             stop_at, stopped = len(text), False  # trailing whitespace joins the reply before the appended eos
         else:

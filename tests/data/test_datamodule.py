@@ -191,8 +191,10 @@ def test_masking_stop_tokens_and_reasoning_reach_the_encoder(tmp_path, monkeypat
     ids, labels = data.train_examples[0]["input_ids"], data.train_examples[0]["labels"]
     assert data.tokenizer_obj.decode([t for t, label in zip(ids, labels) if label == IGNORE_INDEX]) == "Yo<|im_end|>"
     seen = []
-    monkeypatch.setattr(datamodule, "encode_conversation", lambda *a, **kw: seen.append(kw) or encode_conversation(*a, **kw))
-    assert trained(stop_tokens=["<|endoftext|>"], train_reasoning=False, masking="last_assistant") == "Hello there.<|im_end|>"
+    monkeypatch.setattr(datamodule, "encode_conversation",
+                        lambda *a, **kw: seen.append(kw) or encode_conversation(*a, **kw))
+    settings = {"stop_tokens": ["<|endoftext|>"], "train_reasoning": False, "masking": "last_assistant"}
+    assert trained(**settings) == "Hello there.<|im_end|>"
     assert seen == [{"chat_template": None, "stop_tokens": ["<|endoftext|>"], "masking": "last_assistant",
                      "train_reasoning": False}]
     with pytest.raises(ValueError, match=r"stop_tokens=\[1.5\]: must be a list of token ids or strings, or None\n"

@@ -154,10 +154,18 @@ def test_marker_only_between_turns_trains_it_and_appends_eos_at_the_end(tiny_tok
               stop_tokens=["<|sep|>"])
 
 
-def test_without_the_models_stop_tokens_earlier_replies_train_without_one_and_say_so(tiny_tokenizer):
+def test_without_the_models_stop_tokens_the_special_token_opening_the_next_turn_is_the_stop(tiny_tokenizer):
     tokenizer = make_tokenizer(tiny_tokenizer, BETWEEN_TURNS, ["<|sep|>", "<|user|>", "<|assistant|>"])
+    check(tokenizer, CONVERSATION, ["It is 4.<|sep|>", "Six, of course!<|im_end|>"], appended_eos=True)
+    tokenizer = make_tokenizer(tiny_tokenizer, ROLE_TAG_STOP, ["[gMASK]", "<|user|>", "<|assistant|>", "<|system|>"])
+    check(tokenizer, CONVERSATION, ["It is 4.<|user|>", "Six, of course!<|im_end|>"], appended_eos=True)
+
+
+def test_plain_text_turns_train_earlier_replies_without_a_stop_and_say_so(tiny_tokenizer):
+    plain = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n\n{% endfor %}"
+    tokenizer = make_tokenizer(tiny_tokenizer, plain, [])
     with pytest.warns(UserWarning, match="after replies other than the last: those replies are trained without"):
-        check(tokenizer, CONVERSATION, ["It is 4.", "Six, of course!<|im_end|>"], appended_eos=True)
+        check(tokenizer, CONVERSATION, [" It is 4.", " Six, of course!\n\n<|im_end|>"], appended_eos=True)
 
 
 def test_next_role_tag_is_the_stop_when_the_model_declares_it(tiny_tokenizer):
@@ -240,7 +248,8 @@ def test_reply_equal_to_the_system_prompt_is_found_in_its_own_turn(tiny_tokenize
     messages = [{"role": "system", "content": "It is 4."}, *CONVERSATION]
     example = check(tiny_tokenizer, messages, ["It is 4.<|im_end|>", "Six, of course!<|im_end|>"])
     first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
-    assert tiny_tokenizer.decode(example["input_ids"][:first]).endswith("What is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    prompt = tiny_tokenizer.decode(example["input_ids"][:first])
+    assert prompt.endswith("What is 2+2?<|im_end|>\n<|im_start|>assistant\n")
 
 
 # A fixed preamble that mentions words the conversation uses, before a ChatML body.
@@ -262,3 +271,21 @@ def test_replies_that_repeat_header_words_the_preamble_or_the_system_prompt(tiny
                 {"role": "assistant", "content": "assistant"}, {"role": "user", "content": "no"},
                 {"role": "assistant", "content": "Say yes."}]
     check(tokenizer, messages, [f"yes{end}", f"assistant{end}", f"Say yes.{end}"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("template", "specials", "eos", "expected"), [
+    (LAST_MARKER_DIFFERS, ["<|start|>", "<|message|>", "<|end|>", "<|return|>"], "<|return|>",
+     ["It is 4.<|end|>", "Six, of course!<|return|>"]),
+    (REASONING_STRIPPED, ["<think>", "</think>"], None, ["It is 4.<|im_end|>", "Six, of course!<|im_end|>"]),
+    (EOS_AT_END, ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"], "<|endoftext|>",
+     ["It is 4.<|end|>", "Six, of course!<|end|>"]),
+    (LLAMA2_LIKE, ["<s>", "</s>"], "</s>", [" It is 4. </s>", " Six, of course! </s>"]),
+], ids=["last-marker-differs", "reasoning-stripped", "eos-at-end", "llama2-like"])
+def test_real_default_tokenizer_with_our_templates(template, specials, eos, expected):
+    from lightning_ft.models import load_tokenizer
+
+    tokenizer = make_tokenizer(load_tokenizer("smollm2-135m-instruct"), template, specials, eos=eos,
+                               bos="<s>" if "<s>" in specials else None)
+    messages = WITH_SYSTEM if template is not LLAMA2_LIKE else CONVERSATION
+    check(tokenizer, messages, expected)
