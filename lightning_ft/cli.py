@@ -86,19 +86,23 @@ EXTRA_COMMANDS: dict[str, str] = {
     "export": "lightning_ft.commands.export:run",
     "plot": "lightning_ft.commands.plot:run",
     "sweep": "lightning_ft.commands.sweep:run",
+    "preference": "lightning_ft.commands.preference:run",
 }
 
 
-def main(args: list[str] | dict | None = None, run: bool = True) -> FineTuneCLI:
+def main(args: list[str] | dict | None = None, run: bool = True, model_class: type = FineTuneModule,
+         datamodule_class: type = ChatDataModule) -> FineTuneCLI:
     """Build (and by default run) the LightningCLI; returns it so programs can reuse what it built.
 
     Args:
         args: Command-line arguments (``None`` reads ``sys.argv``), or a config dict.
         run: ``False`` only parses and instantiates the module, datamodule and trainer, without training.
+        model_class: The LightningModule the config describes (``lightning_ft preference`` passes its own).
+        datamodule_class: The LightningDataModule the config describes.
     """
     return FineTuneCLI(
-        FineTuneModule,
-        ChatDataModule,
+        model_class,
+        datamodule_class,
         args=args,
         run=run,
         seed_everything_default=42,

@@ -181,9 +181,13 @@ class FineTuneModule(pl.LightningModule):
         self.model.train()  # from_pretrained returns eval mode, which would silently disable dropout
         if self.hparams.compile:
             self._compile_layers()
-        if self.hparams.kl_beta > 0 and self.adapter.method == "full":
+        if self._wants_reference_copy():
             reference = load_model(self.hparams.model_name, dtype=self.hparams.dtype, **kwargs)
             self._reference = [reference.eval().requires_grad_(False)]
+
+    def _wants_reference_copy(self) -> bool:
+        """Whether :meth:`configure_model` keeps a frozen copy of the base model (full fine-tuning's KL reference)."""
+        return self.hparams.kl_beta > 0 and self.adapter.method == "full"
 
     def _compile_layers(self) -> None:
         base = unwrap_peft(self.model)

@@ -12,7 +12,9 @@ from helpers import write_chat_file
 
 from lightning_ft import ChatDataModule, FineTuneModule
 from lightning_ft.cli import main
+from lightning_ft.commands.check_pairs import classes, is_preference_config
 from lightning_ft.data.formats import DataError
+from lightning_ft.preference import PreferenceDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -36,8 +38,10 @@ def test_gpu_strategy_configs_parse(config, capsys):
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c not in GPU_CONFIGS],
                          ids=[c.name for c in CONFIGS if c not in GPU_CONFIGS])
 def test_every_config_builds_module_datamodule_and_trainer(config):
-    cli = main(["--config", str(config)], run=False)
-    assert isinstance(cli.model, FineTuneModule) and isinstance(cli.datamodule, ChatDataModule)
+    preference = is_preference_config(["--config", str(config)])  # built by `lightning_ft preference`
+    cli = main(["--config", str(config)], run=False, **(classes() if preference else {}))
+    assert isinstance(cli.model, FineTuneModule)
+    assert isinstance(cli.datamodule, PreferenceDataModule if preference else ChatDataModule)
     assert cli.datamodule.tokenizer == cli.model.hparams.model_name  # linked, not set twice
     for key in ("train_path", "val_path"):
         path = getattr(cli.datamodule, key)

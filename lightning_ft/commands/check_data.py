@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,12 @@ from lightning_ft.data.checks import (
     prompt_text,
     token_checks,
 )
+from lightning_ft.commands import check_pairs as pairs
+from lightning_ft.commands.report import print_findings, print_verdict, verdict
 from lightning_ft.data.formats import Conversation
 from lightning_ft.data.sources import read_source
 
 PROG = "lightning_ft check-data"
-_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,20 +190,13 @@ def build_report(cli: Any, options: Any) -> dict[str, Any] | str:
     found, example = label_findings(scored, tokenizer, data_module.chat_template, labelling)
     findings += found
     surprises = _surprises(cli, scored, tokenizer, options) if options.surprise_top > 0 and scored else None
-    if options.strict:
-        findings = [Finding("error", f.code, f.location, f.message) if f.severity == "warning" else f
-                    for f in findings]
-    findings.sort(key=lambda f: _SEVERITY_ORDER[f.severity])
-    counts = Counter(f.severity for f in findings)
     return {
-        "ok": counts["error"] == 0,
-        "counts": {severity: counts[severity] for severity in _SEVERITY_ORDER},
+        **verdict(findings, options.strict),
         "files": {"train": ", ".join(s.label for s in data_module.training_sources()) or None,
                   "val": data_module.val_path,
                   **{name: path for name, path, _ in held_out}},
         "max_length": data_module.max_length,
         "stats": stats,
-        "findings": [f.to_dict() for f in findings],
         "surprises": surprises,
         "example": example,
     }
@@ -216,21 +209,7 @@ def _print_report(report: dict[str, Any], show: int) -> None:
     from rich.text import Text
 
     console = Console()
-    styles = {"error": "bold red", "warning": "yellow", "info": "dim"}
-    table = Table(title="Findings", show_lines=False)
-    for column in ("severity", "code", "location", "message"):
-        table.add_column(column, overflow="fold")
-    shown: Counter = Counter()
-    for finding in report["findings"]:
-        shown[finding["code"]] += 1
-        if shown[finding["code"]] <= show:
-            table.add_row(*(finding[k] for k in ("severity", "code", "location", "message")),
-                          style=styles[finding["severity"]])
-    hidden = {code: n - show for code, n in shown.items() if n > show}
-    if report["findings"]:
-        console.print(table)
-    for code, n in hidden.items():
-        console.print(f"  ... and {n} more {code} (--json lists every finding)", style="dim")
+    print_findings(console, report["findings"], show)
     stats = Table(title=f"Data (max_length={report['max_length']})")
     stats.add_column("")
     for split in report["stats"]:
@@ -256,9 +235,7 @@ def _print_report(report: dict[str, Any], show: int) -> None:
         console.print(Rule(f"One example as trained ({report['example']['location']}): [[...]] is trained"))
         console.print(Text(report["example"]["text"]))
         console.print(Rule())
-    counts = report["counts"]
-    verdict = "[green]OK[/green]" if report["ok"] else "[bold red]FAILED[/bold red]"
-    console.print(f"{verdict}: {counts['error']} errors, {counts['warning']} warnings, {counts['info']} info")
+    print_verdict(console, report)
 
 
 def _short(text: str, width: int = 80) -> str:
@@ -266,8 +243,14 @@ def _short(text: str, width: int = 80) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def run(argv: list[str]) -> int:
-    """Entry point of ``lightning_ft check-data``; returns the exit code."""
+def run(argv: list[str], preference: bool | None = None) -> int:
+    """Entry point of ``lightning_ft check-data``; returns the exit code.
+
+    Args:
+        argv: The arguments after ``check-data``.
+        preference: Check preference pairs with the preference module and data (``None``: when the config
+            sets a preference-only model key, see :func:`~lightning_ft.commands.preference.is_preference_config`).
+    """
     parser = _parser()
     options, rest = parser.parse_known_args(argv)
     if options.surprise_top < 0 or options.surprise_max < 1 or options.surprise_batch_size < 1 or options.show < 0:
@@ -276,14 +259,16 @@ def run(argv: list[str]) -> int:
         parser.error(f"--near_threshold={options.near_threshold} must be in (0, 1]")
     from lightning_ft.cli import main
 
+    if preference is None:
+        preference = pairs.is_preference_config(rest)
     try:
         with warnings.catch_warnings():  # args differ from sys.argv on purpose: the check-data options are removed
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
-            cli = main(rest, run=False)
+            cli = main(rest, run=False, **(pairs.classes() if preference else {}))
     except SystemExit as error:  # the config parser already printed what is wrong
         return 2 if error.code else 0
     try:
-        report = build_report(cli, options)
+        report = (pairs.build_pair_report if preference else build_report)(cli, options)
     except (ValueError, OSError) as error:  # no data configured, a bad split, a model that cannot load
         return _fail(str(error).splitlines()[0])
     if isinstance(report, str):
@@ -291,5 +276,5 @@ def run(argv: list[str]) -> int:
     if options.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
-        _print_report(report, options.show)
+        (pairs.print_pair_report if preference else _print_report)(report, options.show)
     return 0 if report["ok"] else 1

@@ -22,13 +22,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from pytorch_lightning.utilities import rank_zero_warn
+
 from lightning_ft.data.collate import (
     EmptyLabelsError,
     count_trained,
     encode_conversation,
     truncate_example,
 )
-from lightning_ft.data.formats import ROLES, Conversation, DataProblem
+from lightning_ft.data.formats import ROLES, Conversation, DataError, DataProblem
 from lightning_ft.data.labels import TemplateRefusedError, render_text
 
 Severity = Literal["error", "warning", "info"]
@@ -82,6 +84,25 @@ def problem_finding(problem: DataProblem) -> Finding:
     code = next((code for text, code in _PROBLEM_CODES if text in problem.message), "wrong-type")
     field = f"{problem.field}: " if problem.field else ""
     return Finding("error", code, problem.location, field + problem.message)
+
+
+def enforce(findings: Sequence[Finding], checks: Literal["warn", "strict", "off"], command: str) -> None:
+    """Act on a datamodule's check findings: raise on errors (and on warnings with ``strict``), else warn once.
+
+    Args:
+        findings: What the checks found; ``info`` findings are ignored.
+        checks: ``warn``, ``strict`` or ``off`` (the datamodule's ``checks`` setting).
+        command: The command that shows the full report, named in the warning.
+    """
+    findings = [f for f in findings if f.severity != "info"]
+    if checks == "off" or not findings:
+        return
+    if checks == "strict" or any(f.severity == "error" for f in findings):
+        raise DataError([str(f) for f in findings])
+    shown = [str(f) for f in findings[:20]] + ([f"... and {len(findings) - 20} more"] if len(findings) > 20 else [])
+    rank_zero_warn(f"Data checks found {len(findings)} warning{'s' if len(findings) != 1 else ''} "
+                   f"(`{command}` with the same arguments shows the full report; "
+                   "data.checks=strict stops on them):\n  " + "\n  ".join(shown))
 
 
 # -- text views of a conversation -----------------------------------------------------------------

@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_ft.data.batching import BatchingChoice, choose_batching
-from lightning_ft.data.checks import lint_conversations
+from lightning_ft.data.checks import enforce, lint_conversations
 from lightning_ft.data.collate import MASKING, ChatCollator
 from lightning_ft.data.encode import DROPPED, KEPT, NO_LABELS, TEMPLATE_ERROR, encode_dataset
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem
@@ -325,15 +325,8 @@ class ChatDataModule(LightningDataModule):
 
     def _check(self, train: list[Conversation], val: list[Conversation]) -> None:
         """Model-free data checks: warnings printed once (rank zero), or raised with ``checks="strict"``."""
-        findings = [f for f in lint_conversations({"train": train, "val": val}) if f.severity != "info"]
-        if not findings:
-            return
-        if self.checks == "strict" or any(f.severity == "error" for f in findings):
-            raise DataError([str(f) for f in findings])
-        shown = [str(f) for f in findings[:20]] + ([f"... and {len(findings) - 20} more"] if len(findings) > 20 else [])
-        rank_zero_warn(f"Data checks found {len(findings)} warning{'s' if len(findings) != 1 else ''} "
-                       "(`lightning_ft check-data` with the same arguments shows the full report; "
-                       "data.checks=strict stops on them):\n  " + "\n  ".join(shown))
+        if self.checks != "off":
+            enforce(lint_conversations({"train": train, "val": val}), self.checks, "lightning_ft check-data")
 
     def _encode(self, part: SourceData, conversations: Any, tokenizer: Any, stats: dict[str, int],
                 errors: list[str]) -> ExampleView:
