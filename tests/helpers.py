@@ -28,3 +28,21 @@ def write_varied_chat_file(path: Path, count: int) -> str:
         records.append(json.dumps(record) + "\n")
     path.write_text("".join(records))
     return str(path)
+
+
+def trained_spans(tokenizer, example) -> list[str]:
+    """Decode each run of consecutive trained labels."""
+    spans, run = [], []
+    for label in [*example["labels"], -100]:
+        if label != -100:
+            run.append(label)
+        elif run:
+            spans.append(tokenizer.decode(run))
+            run = []
+    return spans
+
+
+def chat_template_ids(tokenizer, messages) -> list[int]:
+    """The template's own tokenisation (transformers 5 returns a BatchEncoding, 4 a list)."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+from helpers import chat_template_ids, trained_spans
 from lightning_ft.data.collate import (
     IGNORE_INDEX,
     ChatCollator,
@@ -50,21 +51,6 @@ def llama3_tokenizer(tiny_tokenizer):
     return tokenizer
 
 
-def trained_spans(tokenizer, example) -> list[str]:
-    """Decode each run of consecutive trained labels."""
-    spans, run = [], []
-    for label in [*example["labels"], IGNORE_INDEX]:
-        if label != IGNORE_INDEX:
-            run.append(label)
-        elif run:
-            spans.append(tokenizer.decode(run))
-            run = []
-    return spans
-
-
-def chat_template_ids(tokenizer, messages) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def test_chatml_single_turn_trains_content_and_end_of_turn(tiny_tokenizer):

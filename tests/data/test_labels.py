@@ -10,6 +10,7 @@ import copy
 
 import pytest
 
+from helpers import chat_template_ids, trained_spans
 from lightning_ft.data.collate import _WARNED, IGNORE_INDEX, EmptyLabelsError, encode_conversation
 from lightning_ft.data.labels import TemplateRefusedError
 
@@ -112,27 +113,13 @@ def make_tokenizer(tiny_tokenizer, template: str, specials: list[str], eos: str 
     return tokenizer
 
 
-def trained(tokenizer, example) -> list[str]:
-    spans, run = [], []
-    for label in [*example["labels"], IGNORE_INDEX]:
-        if label != IGNORE_INDEX:
-            run.append(label)
-        elif run:
-            spans.append(tokenizer.decode(run))
-            run = []
-    return spans
-
-
-def template_ids(tokenizer, messages) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def check(tokenizer, messages, expected, appended_eos=False, **kwargs):
     example = encode_conversation(messages, tokenizer, **kwargs)
-    reference = template_ids(tokenizer, messages) + ([tokenizer.eos_token_id] if appended_eos else [])
+    reference = chat_template_ids(tokenizer, messages) + ([tokenizer.eos_token_id] if appended_eos else [])
     assert example["input_ids"] == reference
-    assert trained(tokenizer, example) == expected
+    assert trained_spans(tokenizer, example) == expected
     return example
 
 
