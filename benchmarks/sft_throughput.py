@@ -39,6 +39,7 @@ LIGHTNING_FT = {
     "lightning_ft_grouped": {"packing": False, "group_by_length": True},
     "lightning_ft_packed": {"packing": True},
     "lightning_ft_checkpointing": {"gradient_checkpointing": True},
+    "lightning_ft_half_checkpointing": {"gradient_checkpointing": 0.5},
     "lightning_ft_compile": {"compile": True},
     "lightning_ft_compile_half_checkpointing": {"compile": True, "gradient_checkpointing": 0.5},
     # GPU only (benchmarks/gpu_check.sh):
