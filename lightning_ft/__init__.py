@@ -25,7 +25,7 @@ _EXPORTS = {
     "TensorBoardDashboard": "lightning_ft.callbacks.dashboard",
     "encode_conversation": "lightning_ft.data.collate",
     "generate": "lightning_ft.generation",
-    "load_for_generation": "lightning_ft.generation",
+    "load_for_generation": "lightning_ft.loading",
     "load_model": "lightning_ft.models",
     "load_tokenizer": "lightning_ft.models",
     "resolve_precision": "lightning_ft.precision",
@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from lightning_ft.data.collate import encode_conversation
     from lightning_ft.data.datamodule import ChatDataModule
     from lightning_ft.data.sources import Source
-    from lightning_ft.generation import generate, load_for_generation
+    from lightning_ft.generation import generate
+    from lightning_ft.loading import load_for_generation
     from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
     from lightning_ft.module import FineTuneModule
     from lightning_ft.precision import resolve_precision

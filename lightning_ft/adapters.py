@@ -171,6 +171,12 @@ class QLoRA(LoRA):
             )
         }
 
+    def as_lora(self) -> LoRA:
+        """The same adapter as plain :class:`LoRA` on a full-precision base: merging into 4-bit weights would
+        round the update away, so a QLoRA run is merged (and exported) as LoRA."""
+        return LoRA(self.r, self.alpha, self.dropout, self.target_modules, self.use_rslora, self.use_dora,
+                    self.modules_to_save)
+
     def attach(self, model: nn.Module) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
@@ -243,6 +249,25 @@ class FullFineTune:
 
     def to_dict(self) -> dict[str, Any]:
         return {"class": type(self).__name__, **vars(self)}
+
+
+_SPECS = {"LoRA": LoRA, "QLoRA": QLoRA, "FullFineTune": FullFineTune}
+
+
+def adapter_from_dict(spec: dict[str, Any]) -> Any:
+    """Rebuild an adapter from its ``to_dict()`` (as a checkpoint stores it under ``lightning_ft.adapter``).
+
+    Returns:
+        A :class:`LoRA`, :class:`QLoRA` or :class:`FullFineTune`; for any other peft method (whose dict is its
+        config's, naming its ``peft_type``) the ``peft`` config itself, as ``FineTuneModule(adapter=...)`` takes it.
+    """
+    fields = dict(spec)
+    name = fields.pop("class", None)
+    if name in _SPECS:
+        return _SPECS[name](**fields)
+    from peft import PeftConfig
+
+    return PeftConfig.from_peft_type(**fields)
 
 
 #: Written beside every adapter lightning_ft saves (``hf_model/``, exports): the base it was trained on.

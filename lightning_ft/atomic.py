@@ -107,12 +107,15 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, overwrite: bool = True, keep_existing: bool = False
+                     ) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` only if the block finishes without error.
 
     Args:
         target: The directory to create or replace.
         overwrite: ``False`` refuses an existing non-empty ``target`` before anything is written.
+        keep_existing: A ``target`` that exists when the block finishes is kept and the new content dropped:
+            for caches, where another process that wrote the same entry first must not be disturbed.
     """
     target = Path(target)
     if not overwrite and target.exists() and any(target.iterdir()):
@@ -126,6 +129,8 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Itera
         for file in staging.rglob("*"):
             _fsync(file)
         _fsync(staging)
+        if keep_existing and target.exists():
+            return
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=staging_name(target) + "old-", dir=target.parent))
             os.replace(target, old)
@@ -136,6 +141,12 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = True) -> Itera
         _fsync(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_file`: readers see the old text or the new, never half."""
+    with atomic_file(path) as staging:
+        staging.write_text(text)
 
 
 def _named_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,11 +1,12 @@
 """What the ``lightning_ft`` command prints: third-party noise silenced, user errors as one message.
 
-Both apply at the command's entry point only (:func:`lightning_ft.cli.console_main`): a program that
+Both apply at the command's entry point only (:func:`console_main`): a program that
 imports lightning_ft keeps every warning, log record and traceback of its libraries.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -49,15 +50,30 @@ _NOISE = _NoiseFilter()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``lightning_ft`` command: silence the noise first, then import the command-line interface.
-
-    The order matters: importing the interface imports peft, which imports bitsandbytes, which logs at
-    import time.
-    """
-    quiet_third_party()
-    from lightning_ft.cli import console_main
-
+    """The ``lightning_ft`` console script (see :func:`console_main`)."""
     return console_main(argv)
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The ``lightning_ft`` command: an extra subcommand by name, else LightningCLI. Returns the exit code.
+
+    Known third-party noise is silenced, and a user error (bad data, a bad value, a missing file, a model
+    that cannot be found) prints as its message alone with exit code 1; ``--debug`` or
+    ``LIGHTNING_FT_DEBUG=1`` shows the traceback.
+    """
+    # Silence the noise first, then import the interface: it imports peft, which imports bitsandbytes, which
+    # logs at import time.
+    quiet_third_party()
+    from lightning_ft.cli import EXTRA_COMMANDS, main as cli_main
+
+    def dispatch(args: list[str]) -> int:
+        if args and args[0] in EXTRA_COMMANDS:
+            module_name, function = EXTRA_COMMANDS[args[0]].split(":")
+            return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
+        cli_main(args)
+        return 0
+
+    return run_guarded(dispatch, sys.argv[1:] if argv is None else list(argv))
 
 
 def quiet_third_party() -> None:

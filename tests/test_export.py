@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from lightning_ft import FineTuneModule, FullFineTune, LoRA
 from lightning_ft.adapters import QLoRA
-from lightning_ft.cli import console_main
-from lightning_ft.export import atomic_directory, export
+from lightning_ft.console import console_main
+from lightning_ft.atomic import atomic_directory
+from lightning_ft.export import export
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def other_base_dir(tmp_path_factory):
 
 
 def test_adapter_onto_a_foreign_base_is_refused_everywhere(lora_run, other_base_dir, tiny_model_dir, tmp_path, capsys):
-    from lightning_ft.generation import load_for_generation
+    from lightning_ft.loading import load_for_generation
 
     _, _, adapter_dir = lora_run
     assert (adapter_dir / "lightning_ft_base.json").is_file()
@@ -134,7 +135,7 @@ def test_adapter_onto_a_foreign_base_is_refused_everywhere(lora_run, other_base_
 def test_exported_adapter_carries_the_base_record_and_a_foreign_adapter_only_warns(lora_run, tmp_path):
     import shutil
 
-    from lightning_ft.generation import load_for_generation
+    from lightning_ft.loading import load_for_generation
 
     _, ckpt, adapter_dir = lora_run
     export(ckpt, tmp_path / "exported")

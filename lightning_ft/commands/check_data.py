@@ -262,9 +262,7 @@ def run(argv: list[str], preference: bool | None = None) -> int:
     if preference is None:
         preference = pairs.is_preference_config(rest)
     try:
-        with warnings.catch_warnings():  # args differ from sys.argv on purpose: the check-data options are removed
-            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
-            cli = main(rest, run=False, **(pairs.classes() if preference else {}))
+        cli = main(rest, run=False, **(pairs.classes() if preference else {}))
     except SystemExit as error:  # the config parser already printed what is wrong
         return 2 if error.code else 0
     try:

@@ -54,7 +54,7 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> int:
 def _load(options: argparse.Namespace):
     from transformers.utils import logging as transformers_logging
 
-    from lightning_ft.generation import load_for_generation
+    from lightning_ft.loading import load_for_generation
 
     transformers_logging.disable_progress_bar()  # "Loading weights" bars would clutter the answers
 

@@ -12,7 +12,6 @@ ForgettingCheck), with :class:`~lightning_ft.preference.PreferenceModule` under 
 
 from __future__ import annotations
 
-import warnings
 
 
 def run(argv: list[str]) -> int:
@@ -24,7 +23,5 @@ def run(argv: list[str]) -> int:
     from lightning_ft.cli import main
     from lightning_ft.commands.check_pairs import classes
 
-    with warnings.catch_warnings():  # args differ from sys.argv on purpose: "preference" is removed
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter")
-        main(argv, **classes())
+    main(argv, **classes())
     return 0

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lightning_ft.atomic import atomic_file
+from lightning_ft.atomic import write_text_atomic
 
 
 @dataclass
@@ -85,17 +85,11 @@ def forgetting_text(run: RunResult) -> str:
     return ", ".join(parts) or "no forgetting measured"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory, renamed into place."""
-    with atomic_file(path) as staging:
-        staging.write_text(text)
-
-
 def write_tables(directory: Path, results: list[RunResult], recommended: RunResult | None, reason: str,
                  summary: dict[str, Any]) -> None:
     """``sweep.json`` (every field, the recommendation, the Pareto set, the study summary) and ``sweep.csv``."""
     rows = [asdict(run) for run in results]
-    write_atomic(directory / "sweep.json", json.dumps({
+    write_text_atomic(directory / "sweep.json", json.dumps({
         "runs": rows, "recommended_lr": recommended.learning_rate if recommended else None,
         "recommended_trial": recommended.trial if recommended else None, "reason": reason,
         "pareto_trials": [run.trial for run in results if run.pareto], **summary,
@@ -104,4 +98,4 @@ def write_tables(directory: Path, results: list[RunResult], recommended: RunResu
     writer = csv.DictWriter(buffer, fieldnames=[f.name for f in fields(RunResult)])
     writer.writeheader()
     writer.writerows({**row, "params": json.dumps(row["params"])} for row in rows)
-    write_atomic(directory / "sweep.csv", buffer.getvalue())
+    write_text_atomic(directory / "sweep.csv", buffer.getvalue())

@@ -19,10 +19,11 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from lightning_ft.atomic import write_text_atomic
 from lightning_ft.callbacks.dashboard import TensorBoardDashboard
 from lightning_ft.callbacks.forgetting import ForgettingCheck
 from lightning_ft.callbacks.task_eval import TaskEval
-from lightning_ft.sweep.results import RunResult, write_atomic
+from lightning_ft.sweep.results import RunResult
 
 
 class PruneOnForgetting(pl.Callback):
@@ -71,12 +72,7 @@ def build_cli(fit_args: list[str]) -> Any:
     """The fit configuration built (module, datamodule, trainer) without training or loading the model."""
     from lightning_ft.cli import main
 
-    # LightningCLI warns when given args while sys.argv holds others (here: the sweep's own command line).
-    saved, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        return main(fit_args, run=False)
-    finally:
-        sys.argv = saved
+    return main(fit_args, run=False)
 
 
 def sweep_callbacks(trainer: pl.Trainer) -> tuple[ForgettingCheck | None, list[TaskEval]]:
@@ -145,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fit_args = args.fit_args[1:] if args.fit_args[:1] == ["--"] else args.fit_args
     result = run_trial(fit_args, prune=args.prune)
-    write_atomic(Path(args.result), json.dumps(asdict(result), indent=2) + "\n")
+    write_text_atomic(Path(args.result), json.dumps(asdict(result), indent=2) + "\n")
     return 0
 
 
