@@ -10,10 +10,12 @@ The classes are plain typed constructors so LightningCLI shows their arguments i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -268,6 +270,43 @@ def adapter_from_dict(spec: dict[str, Any]) -> Any:
     from peft import PeftConfig
 
     return PeftConfig.from_peft_type(**fields)
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """Whether :func:`base_model_of` can recover the base model from ``model`` by switching its adapters off:
+    a peft model, or a transformers model with peft adapters loaded into it."""
+    return (hasattr(model, "disable_adapter") and hasattr(model, "peft_config")) or bool(
+        getattr(model, "_hf_peft_config_loaded", False))
+
+
+@contextlib.contextmanager
+def base_model_of(model: nn.Module, frozen_copy: nn.Module | None = None) -> Iterator[nn.Module]:
+    """The base model, for a forward pass inside the block: the one way lightning_ft reaches it.
+
+    Used for the KL penalty, the preference reference, the drift monitor and task success before training.
+
+    Args:
+        model: The model being fine-tuned. With adapters (peft's ``disable_adapter()`` or transformers'
+            ``disable_adapters()``), it is yielded with them switched off for the block: exact, no copy, one
+            more forward pass.
+        frozen_copy: A frozen copy of the base (what full fine-tuning keeps), yielded as is when given.
+
+    Raises:
+        TypeError: ``model`` has no adapters and no ``frozen_copy`` is given.
+    """
+    if frozen_copy is not None:
+        yield frozen_copy
+    elif hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        with model.disable_adapter():
+            yield model
+    elif getattr(model, "_hf_peft_config_loaded", False):
+        model.disable_adapters()
+        try:
+            yield model
+        finally:
+            model.enable_adapters()
+    else:
+        raise TypeError(f"{type(model).__name__} has no adapters to disable and no frozen copy of its base was given")
 
 
 #: Written beside every adapter lightning_ft saves (``hf_model/``, exports): the base it was trained on.

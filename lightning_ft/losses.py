@@ -14,8 +14,13 @@ def chunk_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: to
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def kl_sum(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Summed KL(base || current) over rows of ``(positions, vocab)`` logits (gradient flows into ``logits``)."""
+def kl_penalty_sum(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Summed KL(base || current) over rows of ``(positions, vocab)`` logits (gradient flows into ``logits``).
+
+    The training penalty (``kl_beta``) passes every real (non-pad) position, prompts included; the
+    forgetting monitor's :func:`~lightning_ft.forgetting.drift.assistant_kl_sum` measures assistant
+    positions only.
+    """
     base_logp = torch.log_softmax(base_logits.float(), dim=-1)
     logp = torch.log_softmax(logits.float(), dim=-1)
     return torch.nn.functional.kl_div(logp, base_logp, log_target=True, reduction="sum")
@@ -26,7 +31,7 @@ def chunk_kl(head: torch.nn.Module, hidden: torch.Tensor, base_head: torch.nn.Mo
     """Summed KL(base || current) at these positions; the base head runs without gradients."""
     with torch.no_grad():
         base_logits = base_head(base_hidden)
-    return kl_sum(base_logits, head(hidden))
+    return kl_penalty_sum(base_logits, head(hidden))
 
 
 @torch.no_grad()

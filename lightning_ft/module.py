@@ -17,11 +17,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from peft import PeftConfig
 
 from lightning_ft.atomic import atomic_directory, refuse_non_finite
-from lightning_ft.adapters import FullFineTune, LoRA, PeftAdapter, QLoRA, write_base_record
+from lightning_ft.adapters import (FullFineTune, LoRA, PeftAdapter, QLoRA, base_model_of, has_adapters,
+                                   write_base_record)
 from lightning_ft.callbacks.nonfinite import NonFiniteGuard
 from lightning_ft.checkpoint_io import use_atomic_checkpoints
 from lightning_ft.attention import PER_SEQUENCE_SDPA, full_attention_only, register
-from lightning_ft.losses import chunk_cross_entropy, chunk_kl, chunked_sum, kl_sum, packing_is_exact
+from lightning_ft.losses import chunk_cross_entropy, chunk_kl, chunked_sum, kl_penalty_sum, packing_is_exact
 from lightning_ft.models import (DEFAULT_MODEL, base_fingerprint, decoder_layers, enable_checkpointing, load_model,
                                  load_tokenizer, unwrap_peft)
 from lightning_ft.schedules import DecayName, lr_lambda, warmup_steps_for
@@ -203,14 +204,12 @@ class FineTuneModule(pl.LightningModule):
 
     @contextmanager
     def base_model(self) -> Iterator[torch.nn.Module]:
-        """The base model's forward, for the KL penalty: the adapter-disabled model, or full FT's frozen copy."""
-        if self._reference:
-            yield self._reference[0]
-        elif hasattr(self.model, "disable_adapter"):
-            with self.model.disable_adapter():
-                yield self.model
-        else:
+        """The base model's forward, for the KL penalty: the adapter-disabled model, or full FT's frozen copy
+        (see :func:`~lightning_ft.adapters.base_model_of`)."""
+        if not self._reference and not has_adapters(self.model):
             raise ValueError("kl_beta needs the base model: an adapter to disable, or a frozen copy (full fine-tuning)")
+        with base_model_of(self.model, self._reference[0] if self._reference else None) as base:
+            yield base
 
     @property
     def tokenizer(self):
@@ -303,7 +302,7 @@ class FineTuneModule(pl.LightningModule):
                 return loss_sum, trained.sum(), None
             with torch.no_grad(), self.base_model() as base:
                 base_logits = base(**inputs).logits[:, :-1][real]
-            return loss_sum, trained.sum(), kl_sum(base_logits, logits[real]) / real.sum().clamp(min=1)
+            return loss_sum, trained.sum(), kl_penalty_sum(base_logits, logits[real]) / real.sum().clamp(min=1)
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state[:, :-1]
         loss_sum = chunked_sum(chunk_cross_entropy, self.hparams.logits_chunk_size, head, hidden[trained], targets)

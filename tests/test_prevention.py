@@ -15,7 +15,7 @@ from lightning_ft import ChatDataModule, FineTuneModule, FullFineTune, LoRA
 from lightning_ft.data.datamodule import DEFAULT_REPLAY
 from lightning_ft.data.formats import DataError
 from lightning_ft.data.sampling import ResumableSampler
-from lightning_ft.losses import kl_sum
+from lightning_ft.losses import kl_penalty_sum
 
 
 def test_sampler_without_replay_keeps_its_order():
@@ -137,7 +137,7 @@ def _drift_after_training(tiny_model_dir, tmp_path, kl_beta, replay_ratio=0.0):
     with torch.no_grad():
         current = module.model.eval()(**inputs).logits[:, :-1][trained]
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(**inputs).logits[:, :-1][trained]
-    return (kl_sum(base, current) / trained.sum()).item(), trainer.callback_metrics
+    return (kl_penalty_sum(base, current) / trained.sum()).item(), trainer.callback_metrics
 
 
 def test_the_kl_penalty_holds_the_model_nearer_the_base(tiny_model_dir, tmp_path):
@@ -152,7 +152,7 @@ def test_replay_share_is_logged(tiny_model_dir, tmp_path):
     assert 0.0 < metrics["train/replay_share"].item() <= 1.0
 
 
-def test_kl_sum_matches_kl_div_definition():
+def test_kl_penalty_sum_matches_kl_div_definition():
     base, current = torch.randn(3, 11), torch.randn(3, 11)
     expected = (base.softmax(-1) * (base.log_softmax(-1) - current.log_softmax(-1))).sum()
-    assert kl_sum(base, current).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kl_penalty_sum(base, current).item() == pytest.approx(expected.item(), rel=1e-5)

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_ft.adapters import base_model_of, has_adapters
 from lightning_ft.callbacks.cost import CostMeter
 from lightning_ft.data.sources import read_conversations_from
 from lightning_ft.generation import generate
@@ -311,8 +312,8 @@ class TaskEval(pl.Callback):
         chat_template = getattr(pl_module, "hparams", {}).get("chat_template")
         mine = self.items[trainer.global_rank::trainer.world_size]
         # LoRA & co.: the base model is the model with its adapter switched off.
-        off = model.disable_adapter() if baseline and hasattr(model, "disable_adapter") else nullcontext()
-        with self._cost.timing() as timed, off:
+        base = base_model_of(model) if baseline and has_adapters(model) else nullcontext(model)
+        with self._cost.timing() as timed, base as model:
             outputs = generate(model, tokenizer, [self._prompt(item, baseline) for item in mine],
                                self.max_new_tokens, self.batch_size, chat_template)
             results = [score(out, item.reference, self.metric, self.pattern, self.schema_errors, self.match_keys)

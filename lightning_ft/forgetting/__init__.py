@@ -12,8 +12,11 @@ from lightning_ft.forgetting.benchmark import (
     score_benchmark,
     stratified_sample,
 )
-from lightning_ft.forgetting.drift import DEFAULT_PROMPTS, build_reference, encode_prompts, kl_sum, read_prompts
+from lightning_ft.forgetting.drift import DEFAULT_PROMPTS, assistant_kl_sum, build_reference, encode_prompts, read_prompts
 from lightning_ft.forgetting.probe import ForgettingProbe
+
+#: The old name of :func:`assistant_kl_sum` (the drift monitor over assistant positions), kept for existing code.
+kl_sum = assistant_kl_sum
 
 __all__ = [
     "DEFAULT_BENCHMARK",
@@ -21,6 +24,7 @@ __all__ = [
     "BenchmarkError",
     "ForgettingProbe",
     "MCItem",
+    "assistant_kl_sum",
     "build_reference",
     "encode_prompts",
     "kl_sum",

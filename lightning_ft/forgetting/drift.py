@@ -7,7 +7,7 @@ own replies to ordinary requests, teacher-forced on the reference reply.
 Two ways to know the base model's next-token distribution without a second copy of the model:
 
 - **Adapters** (LoRA and other PEFT adapters): run the same model with the adapters disabled
-  (``with peft_model.disable_adapter():``). Exact, costs a second forward pass.
+  (:func:`lightning_ft.adapters.base_model_of`). Exact, costs a second forward pass.
 - **Top-k cache** (full fine-tuning): before training, keep each scored position's top-``k`` base
   log-probabilities and the log of the remaining mass as one "other" bucket. KL is then computed
   between the two ``k + 1``-bucket distributions, which is a proper divergence (0 for equal models,
@@ -20,14 +20,14 @@ inputs and padding: an untouched model measures exactly 0.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lightning_ft.adapters import base_model_of
 from lightning_ft.data.collate import IGNORE_INDEX, collate, encode_conversation
 from lightning_ft.data.formats import Conversation
 from lightning_ft.data.sources import read_conversations_from
@@ -76,28 +76,6 @@ def scored_logprobs(model: Any, batch: PromptBatch) -> torch.Tensor:
     return logits[batch.scored.to(device)].float().log_softmax(dim=-1)
 
 
-@contextlib.contextmanager
-def adapters_disabled(model: Any) -> Iterator[None]:
-    """Run ``model`` as its base model: PEFT's ``disable_adapter()`` or transformers' ``disable_adapters()``."""
-    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
-        with model.disable_adapter():
-            yield
-    elif getattr(model, "_hf_peft_config_loaded", False):
-        model.disable_adapters()
-        try:
-            yield
-        finally:
-            model.enable_adapters()
-    else:
-        raise TypeError(f"{type(model).__name__} has no adapters to disable")
-
-
-def has_adapters(model: Any) -> bool:
-    """Whether :func:`adapters_disabled` can recover the base model from ``model``."""
-    return (hasattr(model, "disable_adapter") and hasattr(model, "peft_config")) or bool(
-        getattr(model, "_hf_peft_config_loaded", False))
-
-
 def exact_kl(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
     """Per-position KL(base || current) over the full vocabulary."""
     return torch.nn.functional.kl_div(logprobs, base_logprobs, log_target=True, reduction="none").sum(-1)
@@ -135,9 +113,11 @@ def build_reference(model: Any, batches: Sequence[PromptBatch], k: int) -> list[
 
 
 @torch.no_grad()
-def kl_sum(model: Any, batches: Sequence[PromptBatch], reference: Sequence[dict[str, torch.Tensor]] | None,
-           shard: Sequence[int] | None = None) -> tuple[float, int]:
-    """Summed per-token KL and the number of positions, over the batches in ``shard`` (default: all).
+def assistant_kl_sum(model: Any, batches: Sequence[PromptBatch], reference: Sequence[dict[str, torch.Tensor]] | None,
+                     shard: Sequence[int] | None = None) -> tuple[float, int]:
+    """The drift monitor: summed per-token KL(base || current) at assistant positions and the number of those
+    positions, over the batches in ``shard`` (default: all). (The training penalty, over every real position,
+    is :func:`~lightning_ft.losses.kl_penalty_sum`.)
 
     Args:
         model: The current model (in eval mode).
@@ -150,8 +130,8 @@ def kl_sum(model: Any, batches: Sequence[PromptBatch], reference: Sequence[dict[
     for index in range(len(batches)) if shard is None else shard:
         logprobs = scored_logprobs(model, batches[index])
         if reference is None:
-            with adapters_disabled(model):
-                per_position = exact_kl(scored_logprobs(model, batches[index]), logprobs)
+            with base_model_of(model) as base:
+                per_position = exact_kl(scored_logprobs(base, batches[index]), logprobs)
         else:
             cached = {key: value.to(logprobs.device) for key, value in reference[index].items()}
             per_position = top_k_kl(cached, logprobs)

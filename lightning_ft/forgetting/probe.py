@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from lightning_ft.adapters import has_adapters
 from lightning_ft.data.formats import Conversation
 from lightning_ft.forgetting.benchmark import MCItem, choice_loglikelihoods, encode_items, item_outcomes, summarize
-from lightning_ft.forgetting.drift import build_reference, encode_prompts, has_adapters, kl_sum
+from lightning_ft.forgetting.drift import assistant_kl_sum, build_reference, encode_prompts
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Broadcast = Callable[[Any], Any]
@@ -122,7 +123,7 @@ class ForgettingProbe:
                 outcomes = item_outcomes(self.items, dict(zip(mine, scores)))
                 metrics.update(summarize(self.items, reduce(outcomes.to(device)).cpu()))
             if self.batches and (self.reference is not None or has_adapters(model)):
-                total, count = kl_sum(model, self.batches, self.reference, range(rank, len(self.batches), world_size))
+                total, count = assistant_kl_sum(model, self.batches, self.reference, range(rank, len(self.batches), world_size))
                 sums = reduce(torch.tensor([total, count], dtype=torch.float64, device=device)).cpu()
                 metrics["kl"] = (sums[0] / sums[1].clamp(min=1)).item()
             if self.lm_eval_tasks:

@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from peft import PeftConfig
 
-from lightning_ft.adapters import FullFineTune, LoRA, QLoRA
+from lightning_ft.adapters import FullFineTune, LoRA, QLoRA, has_adapters
 from lightning_ft.models import DEFAULT_MODEL, unwrap_peft
 from lightning_ft.module import IGNORE_INDEX, FineTuneModule
 from lightning_ft.preference.losses import LENGTH_NORMALISED, LOSSES, NEEDS_REFERENCE, LossName, preference_loss
@@ -180,7 +180,7 @@ class PreferenceModule(FineTuneModule):
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed log-probability of each row's scored reply under the reference model, shape ``(rows,)``."""
-        if not self._reference and not hasattr(self.model, "disable_adapter"):
+        if not self._reference and not has_adapters(self.model):
             # Full fine-tuning with a precomputed reference: called before the first step, the model is the base.
             values = token_logps(self.model, batch, self.hparams.logits_chunk_size, self.hparams.trained_logits_only)
             return sequence_logps(values, batch["labels"])[0]

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 from lightning_ft import FineTuneModule, FullFineTune, LoRA
 from lightning_ft.forgetting import ForgettingProbe, read_benchmark, read_prompts
 from lightning_ft.forgetting.drift import (
+    assistant_kl_sum,
     build_reference,
     encode_prompts,
     exact_kl,
-    kl_sum,
     scored_logprobs,
     top_k_kl,
     top_k_reference,
@@ -65,11 +65,11 @@ def test_top_k_cache_equals_exact_kl_when_k_is_the_vocabulary(tiny_model_dir, ti
     with torch.no_grad():
         exact = torch.cat([exact_kl(scored_logprobs(base, b), scored_logprobs(current, b)) for b in batches])
     vocab = base.config.vocab_size
-    total, count = kl_sum(current, batches, build_reference(base, batches, k=vocab))
+    total, count = assistant_kl_sum(current, batches, build_reference(base, batches, k=vocab))
     assert count == exact.numel() and exact.mean().item() > 1e-3
     assert total / count == pytest.approx(exact.mean().item(), rel=1e-5)
     # Fewer buckets: still a divergence, a lower bound of the exact KL that grows with k (finer buckets).
-    coarse = [kl_sum(current, batches, build_reference(base, batches, k=k))[0] / count for k in (1, 8, 64, 512)]
+    coarse = [assistant_kl_sum(current, batches, build_reference(base, batches, k=k))[0] / count for k in (1, 8, 64, 512)]
     assert 0.0 < coarse[0] <= coarse[1] <= coarse[2] <= coarse[3] <= exact.mean().item() + 1e-6
 
 
