@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lightning_ft.data.labels import render_text
+from lightning_ft.data.padding import pad, pad_token_id
 
 Messages = Sequence[Mapping[str, str]]
 
@@ -49,9 +50,9 @@ def generate(model: Any, tokenizer: Any, conversations: Sequence[Messages], max_
 
     prompts = [encode_prompt(tokenizer, messages, chat_template) for messages in conversations]
     stop = _stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    pad_id = pad_token_id(tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
-                              pad_token_id=pad, use_cache=True)  # training sets config.use_cache=False
+                              pad_token_id=pad_id, use_cache=True)  # training sets config.use_cache=False
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
     was_training = model.training
@@ -61,12 +62,9 @@ def generate(model: Any, tokenizer: Any, conversations: Sequence[Messages], max_
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                width = max(len(prompts[i]) for i in chunk)
-                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                    input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                    attention_mask[row, width - len(prompts[i]):] = 1
+                # Left padding: every prompt ends where generation starts.
+                input_ids, attention_mask = pad([prompts[i] for i in chunk], pad_id, side="left")
+                width = input_ids.shape[1]
                 output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                         generation_config=config)
                 for row, i in enumerate(chunk):

@@ -32,6 +32,7 @@ from lightning_ft.data.checks import (
 from lightning_ft.commands import check_pairs as pairs
 from lightning_ft.commands.report import print_findings, print_verdict, verdict
 from lightning_ft.data.formats import Conversation
+from lightning_ft.data.padding import pad_token_id
 from lightning_ft.data.sources import read_source
 
 PROG = "lightning_ft check-data"
@@ -96,8 +97,8 @@ def _surprises(cli: Any, scored: list[tuple[Conversation, dict]], tokenizer: Any
 
     pairs = scored[: options.surprise_max]
     model = load_model(cli.model.hparams.model_name, dtype=cli.model.hparams.dtype)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    losses = surprise_scores(cli.model, model, [example for _, example in pairs], pad, options.surprise_batch_size)
+    losses = surprise_scores(cli.model, model, [example for _, example in pairs], pad_token_id(tokenizer),
+                             options.surprise_batch_size)
     ranked = sorted(zip(losses, pairs), key=lambda item: -item[0])[: options.surprise_top]
     return {
         "scored": len(pairs), "median_loss": statistics.median(losses) if losses else None,

@@ -20,6 +20,7 @@ import torch
 
 from lightning_ft.data.formats import check_conversation
 from lightning_ft.data.labels import ReplySpan, locate_replies, render_text, stop_texts, template_traits
+from lightning_ft.data.padding import pad, padded_length
 
 IGNORE_INDEX = -100
 Example = dict[str, list[int]]
@@ -230,17 +231,9 @@ def collate(examples: Sequence[Example], pad_token_id: int,
     """
     if not examples:
         raise ValueError("collate needs at least one example")
-    length = max(len(example["input_ids"]) for example in examples)
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, example in enumerate(examples):
-        size = len(example["input_ids"])
-        input_ids[row, :size] = torch.tensor(example["input_ids"], dtype=torch.long)
-        labels[row, :size] = torch.tensor(example["labels"], dtype=torch.long)
-        attention_mask[row, :size] = 1
+    input_ids, attention_mask = pad([example["input_ids"] for example in examples], pad_token_id,
+                                    pad_to_multiple_of=pad_to_multiple_of)
+    labels, _ = pad([example["labels"] for example in examples], IGNORE_INDEX, length=input_ids.shape[1])
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if "replay" in examples[0]:
         flags = torch.tensor([bool(example["replay"][0]) for example in examples])
@@ -298,16 +291,14 @@ def collate_packed(examples: Sequence[Example], pad_token_id: int, max_length: i
         positions.append([position for i in row for position in range(len(examples[i]["input_ids"]))])
         if marked:
             replay.append([bool(examples[i]["replay"][0]) for i in row for _ in examples[i]["input_ids"]])
-    length = max(len(row) for row in ids)
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    length = padded_length(max(len(row) for row in ids), pad_to_multiple_of)
     for r in range(len(rows)):
-        pad = length - len(ids[r])
-        ids[r] += [pad_token_id] * pad
-        labels[r] += [IGNORE_INDEX] * pad
-        positions[r] += range(pad)
+        fill = length - len(ids[r])
+        ids[r] += [pad_token_id] * fill
+        labels[r] += [IGNORE_INDEX] * fill
+        positions[r] += range(fill)
         if marked:
-            replay[r] += [False] * pad
+            replay[r] += [False] * fill
     sizes = [sum(len(examples[i]["input_ids"]) for i in row) for row in rows]
     batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
              "position_ids": torch.tensor(positions, dtype=torch.long),

@@ -21,6 +21,7 @@ from lightning_ft.data.collate import MASKING, ChatCollator
 from lightning_ft.data.encode import DROPPED, KEPT, NO_LABELS, TEMPLATE_ERROR, encode_dataset
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem
 from lightning_ft.data.mixture import ExampleView, MixtureDataset, SourceTaggingCollator, per_epoch
+from lightning_ft.data.padding import pad_token_id
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_ft.data.sources import Source, SourceData, as_source, read_source
 from lightning_ft.models import generation_stop_ids, load_tokenizer
@@ -464,13 +465,6 @@ class ChatDataModule(LightningDataModule):
                      f"from {self.replay_file()} mixed into each epoch")
         (rank_zero_warn if s["trained_tokens_lost"] or s["dropped"] else rank_zero_info)(line)
 
-    def _pad_token_id(self) -> int:
-        tokenizer = self._load_tokenizer()
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise ValueError("The tokenizer has neither a pad nor an EOS token: set tokenizer_obj.pad_token.")
-        return pad
-
     def batching(self) -> BatchingChoice:
         """Padded, length-grouped or packed training batches, chosen from the training lengths by
         :func:`~lightning_ft.data.batching.choose_batching` (asking the trainer's LightningModule whether its
@@ -496,7 +490,8 @@ class ChatDataModule(LightningDataModule):
         # as a dense block-diagonal mask costs quadratically in the row length.
         whole_batch = packed and bool(getattr(module, "packs_natively", lambda: False)())
         pack_length = self.max_length * (self.batch_size if whole_batch else 1)
-        collate = ChatCollator(self._pad_token_id(), self.pad_to_multiple_of, pack_length=pack_length if packed else None)
+        collate = ChatCollator(pad_token_id(self._load_tokenizer()), self.pad_to_multiple_of,
+                               pack_length=pack_length if packed else None)
         return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,

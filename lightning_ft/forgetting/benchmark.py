@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from lightning_ft.data.formats import DataProblem, load_records
+from lightning_ft.data.padding import pad, pad_token_id
 
 #: The general-knowledge benchmark shipped with the package (359 items, 12 subjects).
 DEFAULT_BENCHMARK = str(Path(__file__).resolve().parents[1] / "benchmarks" / "general.jsonl")
@@ -196,12 +197,7 @@ def _forward(model: Any, **inputs: Any) -> Any:
 def _score_group(model: Any, group: Sequence[EncodedItem], pad_token_id: int) -> list[list[float]]:
     """Contexts once (left-padded, with the KV cache kept), then every continuation against its context's cache."""
     device = next(model.parameters()).device
-    width = max(len(item.context) for item in group)
-    context = torch.full((len(group), width), pad_token_id, dtype=torch.long)
-    context_mask = torch.zeros((len(group), width), dtype=torch.long)
-    for row, item in enumerate(group):
-        context[row, width - len(item.context):] = torch.tensor(item.context)
-        context_mask[row, width - len(item.context):] = 1
+    context, context_mask = pad([item.context for item in group], pad_token_id, side="left")
     # Explicit positions: a left-padded context starts at position 0 as it would alone.
     positions = (context_mask.cumsum(-1) - 1).clamp(min=0)
     out = _forward(model, input_ids=context.to(device), attention_mask=context_mask.to(device),
@@ -218,12 +214,8 @@ def _score_group(model: Any, group: Sequence[EncodedItem], pad_token_id: int) ->
             raise TypeError(f"{type(model).__name__} returned no transformers KV cache (got {type(cache).__name__}); "
                             "benchmark scoring shares each question's cache between its choices.")
         cache.reorder_cache(index.to(device))  # one copy of its context's cache per continuation
-        length = max(len(continuations[row]) - 1 for row in longer)
-        ids = torch.full((len(longer), length), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(longer), length), dtype=torch.long)
-        for line, row in enumerate(longer):
-            ids[line, :len(continuations[row]) - 1] = torch.tensor(continuations[row][:-1])
-            mask[line, :len(continuations[row]) - 1] = 1
+        ids, mask = pad([continuations[row][:-1] for row in longer], pad_token_id)
+        length = ids.shape[1]
         positions = context_mask.sum(-1)[index, None] + torch.arange(length)
         logits = model(input_ids=ids.to(device), attention_mask=torch.cat([context_mask[index], mask], 1).to(device),
                        position_ids=positions.to(device), past_key_values=cache, use_cache=True).logits
@@ -299,6 +291,5 @@ def score_benchmark(model: Any, tokenizer: Any, items: Sequence[MCItem], batch_s
         items = read_benchmark()  # the shipped general benchmark
         score_benchmark(model.eval(), tokenizer, items)["acc"]
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = choice_loglikelihoods(model, encode_items(items, tokenizer), batch_size, pad)
+    scores = choice_loglikelihoods(model, encode_items(items, tokenizer), batch_size, pad_token_id(tokenizer))
     return summarize(items, item_outcomes(items, dict(enumerate(scores))))

@@ -30,6 +30,7 @@ import torch
 from lightning_ft.adapters import base_model_of
 from lightning_ft.data.collate import IGNORE_INDEX, collate, encode_conversation
 from lightning_ft.data.formats import Conversation
+from lightning_ft.data.padding import pad_token_id
 from lightning_ft.data.sources import read_conversations_from
 
 #: The general chat prompts shipped with the package (64 one-turn conversations).
@@ -57,7 +58,7 @@ class PromptBatch:
 def encode_prompts(conversations: Sequence[Conversation], tokenizer: Any, batch_size: int = 8,
                    max_length: int | None = 512) -> list[PromptBatch]:
     """Tokenise conversations with the chat template and cut them into fixed batches (done once)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     examples = [encode_conversation(list(conv.messages), tokenizer, max_length) for conv in conversations]
     batches = []
     for start in range(0, len(examples), batch_size):

@@ -17,6 +17,7 @@ import torch
 
 from lightning_ft.adapters import has_adapters
 from lightning_ft.data.formats import Conversation
+from lightning_ft.data.padding import pad_token_id
 from lightning_ft.forgetting.benchmark import MCItem, choice_loglikelihoods, encode_items, item_outcomes, summarize
 from lightning_ft.forgetting.drift import assistant_kl_sum, build_reference, encode_prompts
 
@@ -115,7 +116,7 @@ class ForgettingProbe:
         """
         metrics: dict[str, float] = {}
         device = next(model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = pad_token_id(self.tokenizer)
         with evaluation_mode(model):
             if self.items:
                 mine = list(range(rank, len(self.items), world_size))

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_ft.data.checks import enforce
 from lightning_ft.data.collate import EmptyLabelsError
 from lightning_ft.data.formats import DataError, DataProblem
+from lightning_ft.data.padding import pad_token_id
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_ft.models import generation_stop_ids, load_tokenizer
 from lightning_ft.preference.checks import lint_pairs
@@ -201,11 +202,7 @@ class PreferenceDataModule(LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------------
     def _collator(self) -> PairCollator:
-        tokenizer = self._load_tokenizer()
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise ValueError("The tokenizer has neither a pad nor an EOS token: set tokenizer_obj.pad_token.")
-        return PairCollator(pad, self.pad_to_multiple_of)
+        return PairCollator(pad_token_id(self._load_tokenizer()), self.pad_to_multiple_of)
 
     def _loader(self, examples: list[dict[str, Any]], shuffle: bool) -> DataLoader:
         # Seeded per epoch (seed + epoch): reproducible, different every epoch, resumable mid-epoch.
