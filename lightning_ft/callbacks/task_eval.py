@@ -15,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_ft.adapters import base_model_of, has_adapters
 from lightning_ft.callbacks.cost import CostMeter
+from lightning_ft.data.checks import shorten
 from lightning_ft.data.sources import read_conversations_from
 from lightning_ft.generation import generate
 
@@ -152,8 +153,7 @@ class TaskItem:
 
 
 def _cell(text: str, width: int = 200) -> str:
-    flat = text if len(text) <= width else text[: width - 1] + "…"
-    return flat.replace("|", "\\|").replace("\n", "<br>") or " "
+    return shorten(text, width, flatten=False).replace("|", "\\|").replace("\n", "<br>") or " "
 
 
 class TaskEval(pl.Callback):

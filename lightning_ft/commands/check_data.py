@@ -27,6 +27,7 @@ from lightning_ft.data.checks import (
     lint_conversations,
     problem_finding,
     prompt_text,
+    shorten,
     token_checks,
 )
 from lightning_ft.commands import check_pairs as pairs
@@ -230,18 +231,13 @@ def _print_report(report: dict[str, Any], show: int) -> None:
         for column in ("loss", "location", "prompt", "answer"):
             table.add_column(column, overflow="fold")
         for item in surprises["top"]:
-            table.add_row(f"{item['loss']:.3f}", item["location"], _short(item["prompt"]), _short(item["answer"], 120))
+            table.add_row(f"{item['loss']:.3f}", item["location"], shorten(item["prompt"], 80), shorten(item["answer"], 120))
         console.print(table)
     if report["example"]:
         console.print(Rule(f"One example as trained ({report['example']['location']}): [[...]] is trained"))
         console.print(Text(report["example"]["text"]))
         console.print(Rule())
     print_verdict(console, report)
-
-
-def _short(text: str, width: int = 80) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def run(argv: list[str], preference: bool | None = None) -> int:

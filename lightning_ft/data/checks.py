@@ -243,9 +243,20 @@ def find_leakage(train: Sequence[Conversation], held_out: Sequence[Conversation]
     return findings
 
 
+def shorten(text: str, width: int, flatten: bool = True) -> str:
+    """``text`` in at most ``width`` characters, ending in "…" when cut: the one way reports preview a text.
+
+    Args:
+        text: Any text (a prompt, a reply, a generation).
+        width: The most characters kept, the "…" included.
+        flatten: Turn every run of whitespace (newlines included) into one space first.
+    """
+    flat = " ".join(text.split()) if flatten else text
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def _preview(text: str, width: int = 60) -> str:
-    flat = " ".join(text.split())
-    return repr(flat if len(flat) <= width else flat[: width - 1] + "…")
+    return repr(shorten(text, width))
 
 
 def response_shape(text: str) -> tuple[str, tuple[str, ...] | None, str | None]:
