@@ -121,7 +121,7 @@ def _conversation_issues(messages: Sequence[Mapping[str, Any]]) -> list[tuple[in
         if role not in ROLES:
             issues.append((index, "role", f"unknown role {role!r} (allowed: {', '.join(ROLES)})"))
         if not isinstance(content, str):
-            issues.append((index, "content", f"content must be a string, got {_type_name(content)}"))
+            issues.append((index, "content", f"content must be a string, got {type_name(content)}"))
         elif not content.strip():
             issues.append((index, "content", f"empty {role} message" if role in ROLES else "empty message"))
         if role == "system":
@@ -163,7 +163,8 @@ def check_conversation(messages: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """What a JSON value is, in the words of an error message ("an object", "a list", "null", ...)."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
@@ -177,13 +178,13 @@ _Extracted = tuple[list[dict[str, Any]], _Fields, list[tuple[str, str]]]
 def _message_list(value: Any, name: str, role_key: str = "role", content_key: str = "content",
                   speakers: Mapping[str, str] | None = None) -> _Extracted:
     if not isinstance(value, list):
-        return [], [], [(name, f"must be a list of messages, got {_type_name(value)}")]
+        return [], [], [(name, f"must be a list of messages, got {type_name(value)}")]
     messages, fields, problems = [], [], []
     for index, item in enumerate(value):
         where = f"{name}[{index}]"
         if not isinstance(item, dict):
             problems.append((where, f"must be an object with {role_key!r} and {content_key!r}, "
-                                    f"got {_type_name(item)}"))
+                                    f"got {type_name(item)}"))
             continue
         missing = [key for key in (role_key, content_key) if key not in item]
         if missing:
@@ -214,7 +215,7 @@ def _opt_out(item: Mapping[str, Any], role: Any, where: str) -> bool | tuple[str
         return False
     train, weight = item.get("train", True), item.get("weight", 1)
     if not isinstance(train, bool):
-        return f"{where}.train", f"must be true or false, got {_type_name(train)}"
+        return f"{where}.train", f"must be true or false, got {type_name(train)}"
     if isinstance(weight, bool) or weight not in (0, 1):
         return f"{where}.weight", f"must be 0 (not trained) or 1, got {weight!r}"
     if role != "assistant" and (not train or weight == 0):
@@ -234,7 +235,7 @@ def _from_alpaca(record: dict[str, Any]) -> _Extracted:
     messages, fields, problems = [], [], []
     for key in ("input", "system"):
         if record.get(key) is not None and not isinstance(record[key], str):
-            problems.append((key, f"must be a string, got {_type_name(record[key])}"))
+            problems.append((key, f"must be a string, got {type_name(record[key])}"))
     if problems:
         return [], [], problems
     # Alpaca exports often carry "system": "" for "no system prompt"; treat blank as absent.
@@ -262,7 +263,7 @@ def _from_prompt_completion(record: dict[str, Any]) -> _Extracted:
             fields += part[1]
             problems += part[2]
         else:
-            problems.append((key, f"must be a string or a list of messages, got {_type_name(value)}"))
+            problems.append((key, f"must be a string or a list of messages, got {type_name(value)}"))
     return messages, fields, problems
 
 
@@ -334,7 +335,7 @@ def _parse_json_list(path: str, text: str) -> _Loaded:
         return [], "record", [DataProblem(path, None, None, "invalid JSON: nested too deeply")]
     if not isinstance(value, list):
         return [], "record", [DataProblem(path, None, None, f"a .json file must hold a list of records, "
-                                                            f"got {_type_name(value)}")]
+                                                            f"got {type_name(value)}")]
     return list(enumerate(value, start=1)), "record", []
 
 
@@ -355,7 +356,7 @@ def convert_record(record: Any, format: str,
              system_prompt: str | None) -> tuple[list[dict[str, Any]], list[tuple[str | None, str]]]:
     """Turn one parsed record into messages, or problems as ``(field, text)``."""
     if not isinstance(record, dict):
-        return [], [(None, f"expected a JSON object, got {_type_name(record)}")]
+        return [], [(None, f"expected a JSON object, got {type_name(record)}")]
     missing = [key for key in REQUIRED_FIELDS[format] if key not in record]
     if missing:
         has = ", ".join(record) or "nothing"

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from lightning_ft.data.collate import IGNORE_INDEX, EmptyLabelsError, collate, encode_conversation
-from lightning_ft.data.formats import (DataError, DataProblem, Message, _type_name, format_location, load_records,
-                                       check_conversation)
+from lightning_ft.data.formats import (DataError, DataProblem, Message, check_conversation, format_location,
+                                       load_records, type_name)
 
 SIDES = ("chosen", "rejected")
 
@@ -57,7 +57,7 @@ def _messages(value: Any, field: str, default_role: str) -> tuple[list[dict[str,
     if isinstance(value, str):
         return [{"role": default_role, "content": value}], []
     if not isinstance(value, list) or not value:
-        return [], [(field, f"must be a string or a non-empty list of messages, got {_type_name(value)}")]
+        return [], [(field, f"must be a string or a non-empty list of messages, got {type_name(value)}")]
     problems = []
     for index, item in enumerate(value):
         if not isinstance(item, dict) or not {"role", "content"} <= set(item):
@@ -76,7 +76,7 @@ def _split_reply(messages: list[dict[str, Any]], field: str) -> tuple[list[dict[
 def parse_record(record: Any, system_prompt: str | None = None) -> tuple[PreferencePair | None, list[tuple[str | None, str]]]:
     """Turn one parsed record into prompt and replies, or problems as ``(field, text)``; ``source`` is left blank."""
     if not isinstance(record, dict):
-        return None, [(None, f"expected a JSON object, got {_type_name(record)}")]
+        return None, [(None, f"expected a JSON object, got {type_name(record)}")]
     missing = [key for key in SIDES if key not in record]
     if missing:
         has = ", ".join(record) or "nothing"
