@@ -15,36 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from meter import Meter, lightning_timing, trl_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "preference" / "train.jsonl"
 CONTENDERS = ("lightning_ft", "trl", "trl_no_checkpointing")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
-
-
-class Meter:
-    """Seconds per step, skipping the first ``warmup`` steps."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.step, self.started, self.seconds = warmup, 0, 0.0, 0.0
-
-    def begin(self) -> None:
-        self.started = time.perf_counter()
-
-    def end(self) -> None:
-        if self.step >= self.warmup:
-            self.seconds += time.perf_counter() - self.started
-        self.step += 1
-
-    def result(self, name: str) -> dict:
-        timed = self.step - self.warmup
-        return {"name": name, "steps": timed, "steps_per_s": timed / self.seconds,
-                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def run_lightning_ft(args) -> dict:
@@ -55,19 +35,12 @@ def run_lightning_ft(args) -> dict:
 
     meter = Meter(args.warmup)
 
-    class Timing(pl.Callback):
-        def on_train_batch_start(self, *_):
-            meter.begin()
-
-        def on_train_batch_end(self, *_):
-            meter.end()
-
     module = PreferenceModule(adapter=LoRA(r=16, alpha=32, dropout=0.0), loss="dpo", beta=0.1, learning_rate=5e-5)
     data = PreferenceDataModule(str(DATA), tokenizer=module.hparams.model_name, batch_size=args.batch_size,
                                 max_length=args.max_length, checks="off")
     trainer = pl.Trainer(max_steps=args.warmup + args.steps, precision="32-true", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, callbacks=[Timing()])
+                         num_sanity_val_steps=0, callbacks=[lightning_timing(meter)])
     trainer.fit(module, data)
     return meter.result("lightning_ft PreferenceModule (dpo)")
 
@@ -75,7 +48,6 @@ def run_lightning_ft(args) -> dict:
 def run_trl(args, variant: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -95,14 +67,7 @@ def run_trl(args, variant: str) -> dict:
                          processing_class=load_tokenizer(DEFAULT_MODEL),
                          peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
 
-    class Timing(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            meter.begin()
-
-        def on_step_end(self, *_, **__):
-            meter.end()
-
-    trainer.add_callback(Timing())
+    trainer.add_callback(trl_timing(meter))
     trainer.train()
     return meter.result("TRL DPOTrainer" + (", no gradient checkpointing" if variant == "trl_no_checkpointing"
                                             else " (defaults: gradient checkpointing)"))

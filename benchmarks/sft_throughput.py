@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from meter import Meter, lightning_timing, trl_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIAGE = ROOT / "examples" / "triage" / "train.jsonl"
@@ -80,63 +81,6 @@ def linear_params(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-class Meter:
-    """Per-step wall time and token counts, skipping the first ``warmup`` steps."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.step, self.started = warmup, 0, 0.0
-        self.seconds, self.tokens, self.trained = 0.0, 0, 0
-        self.cpu_seconds = self.cpu_started = 0.0  # all threads of this process: robust to other load
-        self.warmup_seconds = 0.0  # the untimed first steps: compilation shows up here
-        self.pending = (0, 0)
-
-    def count(self, batch) -> None:
-        """Record the real and trained tokens of the batch about to be trained on."""
-        labels = batch["labels"]
-        if "token_mask" in batch:  # lightning_ft's packed rows
-            real = int(batch["token_mask"].sum())
-        elif "attention_mask" in batch:
-            real = int(batch["attention_mask"].sum())
-        else:  # TRL's padding-free rows: one flattened sequence, no padding
-            real = int(batch["input_ids"].numel())
-        self.pending = (real, int((labels[:, 1:] != -100).sum()))
-
-    def begin(self) -> None:
-        self._sync()
-        self.started, self.cpu_started = time.perf_counter(), time.process_time()
-
-    @staticmethod
-    def _sync() -> None:
-        import torch
-
-        if torch.cuda.is_available():  # time the GPU's work, not the queueing of it
-            torch.cuda.synchronize()
-
-    def end(self) -> None:
-        self._sync()
-        elapsed, cpu = time.perf_counter() - self.started, time.process_time() - self.cpu_started
-        print(f"step {self.step}: {elapsed:.1f} s, {cpu:.1f} CPU s, {self.pending[0]} tokens", file=sys.stderr, flush=True)
-        if self.step < self.warmup:
-            self.warmup_seconds += elapsed
-        else:
-            self.seconds += elapsed
-            self.cpu_seconds += cpu
-            self.tokens += self.pending[0]
-            self.trained += self.pending[1]
-        self.step += 1
-
-    def result(self, name: str, n_linear: int, extra: dict | None = None) -> dict:
-        timed = self.step - self.warmup
-        return {
-            "name": name, "steps": timed, "tokens_per_s": self.tokens / self.seconds,
-            "trained_tokens_per_s": self.trained / self.seconds, "s_per_step": self.seconds / timed,
-            "tokens_per_cpu_s": self.tokens / max(self.cpu_seconds, 1e-9),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "model_flops": 4 * n_linear * self.tokens / self.seconds, "warmup_s": self.warmup_seconds,
-            **(extra or {}),
-        }
-
-
 def data_path(args) -> Path:
     """The data set's training file (the chat data is generated into the work directory once)."""
     if args.data == "triage":
@@ -166,14 +110,6 @@ def run_lightning_ft(args, contender: str) -> dict:
     special = {key: settings.pop(key) for key in TRAINER_KEYS if key in settings}
     meter = Meter(args.warmup)
 
-    class Timing(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            meter.count(batch)
-            meter.begin()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            meter.end()
-
     adapter = (QLoRA if special.get("qlora") else LoRA)(r=16, alpha=32, dropout=0.0)
     module = FineTuneModule(adapter=adapter, **settings)
     strategy = "auto"
@@ -184,7 +120,7 @@ def run_lightning_ft(args, contender: str) -> dict:
         strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=True)
     data = ChatDataModule(str(data_path(args)), tokenizer=module.hparams.model_name, batch_size=args.batch_size,
                           max_length=args.max_length, encode_cache=False, checks="off", **data_settings)
-    callbacks = [Timing()] + ([StepProfile(args.warmup)] if args.profile else [])
+    callbacks = [lightning_timing(meter, count=True)] + ([StepProfile(args.warmup)] if args.profile else [])
     trainer = pl.Trainer(max_steps=args.warmup + args.steps, precision=args.precision, logger=False,
                          accelerator=args.device, devices=1, strategy=strategy,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -199,7 +135,6 @@ def run_lightning_ft(args, contender: str) -> dict:
 def run_trl(args, variant: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from lightning_ft.models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -232,14 +167,7 @@ def run_trl(args, variant: str) -> dict:
 
     trainer.data_collator = counting_collator
 
-    class Timing(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            meter.begin()
-
-        def on_step_end(self, *_, **__):
-            meter.end()
-
-    trainer.add_callback(Timing())
+    trainer.add_callback(trl_timing(meter))
     trainer.train()
     return meter.result(variant.replace("_", " ").replace("trl", "TRL SFTTrainer", 1),
                         linear_params(trainer.model.get_base_model()))
