@@ -25,13 +25,12 @@ from lightning_ft.data.checks import (
     Finding,
     answer_text,
     lint_conversations,
-    problem_finding,
     prompt_text,
     shorten,
     token_checks,
 )
 from lightning_ft.commands import check_pairs as pairs
-from lightning_ft.commands.report import print_findings, print_verdict, verdict
+from lightning_ft.commands.report import assemble, print_findings, print_verdict, scan_findings, stats_table
 from lightning_ft.data.formats import Conversation
 from lightning_ft.data.padding import pad_token_id
 from lightning_ft.data.sources import read_source
@@ -172,10 +171,9 @@ def build_report(cli: Any, options: Any) -> dict[str, Any] | str:
         paths = [s.path for s in data_module.training_sources()] + [data_module.val_path] + [
             path for _, path, _ in held_out]
         return _too_deep([path for path in paths if path is not None])
-    findings = [problem_finding(problem) for problem in problems]
-    unreadable = [f"{f.location}: {f.message}" for f in findings if f.code == "unreadable-file"]
+    findings, unreadable = scan_findings(problems)
     if unreadable:
-        return "; ".join(unreadable)
+        return unreadable
     train, val = data_module.split(data)
     splits = {"train": train, "val": val, **extra}
     findings += lint_conversations(splits, options.near_threshold)
@@ -192,16 +190,10 @@ def build_report(cli: Any, options: Any) -> dict[str, Any] | str:
     found, example = label_findings(scored, tokenizer, data_module.chat_template, labelling)
     findings += found
     surprises = _surprises(cli, scored, tokenizer, options) if options.surprise_top > 0 and scored else None
-    return {
-        **verdict(findings, options.strict),
-        "files": {"train": ", ".join(s.label for s in data_module.training_sources()) or None,
-                  "val": data_module.val_path,
-                  **{name: path for name, path, _ in held_out}},
-        "max_length": data_module.max_length,
-        "stats": stats,
-        "surprises": surprises,
-        "example": example,
-    }
+    files = {"train": ", ".join(s.label for s in data_module.training_sources()) or None, "val": data_module.val_path,
+             **{name: path for name, path, _ in held_out}}
+    return assemble(findings, options.strict, files, data_module.max_length, stats, surprises=surprises,
+                    example=example)
 
 
 def _print_report(report: dict[str, Any], show: int) -> None:
@@ -212,18 +204,12 @@ def _print_report(report: dict[str, Any], show: int) -> None:
 
     console = Console()
     print_findings(console, report["findings"], show)
-    stats = Table(title=f"Data (max_length={report['max_length']})")
-    stats.add_column("")
-    for split in report["stats"]:
-        stats.add_column(split, justify="right")
     rows = [("conversations", lambda s: s["conversations"])]
     rows += [(f"{role} turns", lambda s, r=role: s["turns"][r]) for role in ("system", "user", "assistant")]
     rows += [(f"{role} tokens", lambda s, r=role: s["tokens"][r]) for role in ("system", "user", "assistant")]
     rows += [(key.replace("_", " "), lambda s, k=key: s[k])
              for key in ("total_tokens", "trained_tokens", "truncated", "dropped", "assistant_tokens_lost")]
-    for label, value in rows:
-        stats.add_row(label, *(f"{value(s):,}" for s in report["stats"].values()))
-    console.print(stats)
+    console.print(stats_table(f"Data (max_length={report['max_length']})", report["stats"], rows))
     surprises = report["surprises"]
     if surprises and surprises["top"]:
         table = Table(title=f"Most surprising to the base model: mean loss on assistant tokens "

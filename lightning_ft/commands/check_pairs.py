@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from lightning_ft.commands.report import print_findings, print_verdict, verdict
+from lightning_ft.commands.report import assemble, print_findings, print_verdict, scan_findings, stats_table
 
 #: Keys that only PreferenceModule has: a config setting one of them describes a preference run.
 PREFERENCE_MODEL_KEYS = ("loss", "beta", "label_smoothing", "simpo_gamma", "sft_weight", "reference")
@@ -41,16 +41,15 @@ def is_preference_config(argv: list[str]) -> bool:
 
 def build_pair_report(cli: Any, options: Any) -> dict[str, Any] | str:
     """``check-data``'s report for preference data, or the one-line error when a file cannot be read at all."""
-    from lightning_ft.data.checks import Finding, problem_finding
+    from lightning_ft.data.checks import Finding
     from lightning_ft.preference.checks import length_bias, lint_pairs
     from lightning_ft.preference.data import encode_side
 
     data_module = cli.datamodule
     data, problems = data_module.scan()
-    findings = [problem_finding(problem) for problem in problems]
-    unreadable = [f"{f.location}: {f.message}" for f in findings if f.code == "unreadable-file"]
+    findings, unreadable = scan_findings(problems)
     if unreadable:
-        return "; ".join(unreadable)
+        return unreadable
     train, val = data_module.split(data)
     findings += lint_pairs({"train": train, "val": val}, options.near_threshold)
     tokenizer = data_module._load_tokenizer()
@@ -76,22 +75,17 @@ def build_pair_report(cli: Any, options: Any) -> dict[str, Any] | str:
                     findings.append(Finding("warning", "truncated", pair.source,
                                             f"{side} side has {length} tokens, cut to max_length={data_module.max_length}"))
         stats[name] = split
-    return {**verdict(findings, options.strict), "files": {"train": data_module.train_path, "val": data_module.val_path},
-            "max_length": data_module.max_length, "stats": stats}
+    return assemble(findings, options.strict, {"train": data_module.train_path, "val": data_module.val_path},
+                    data_module.max_length, stats)
 
 
 def print_pair_report(report: dict[str, Any], show: int) -> None:
     """Findings, then pairs and tokens per split, then the verdict."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     print_findings(console, report["findings"], show)
-    table = Table(title=f"Preference data (max_length={report['max_length']})")
-    table.add_column("")
-    for split in report["stats"]:
-        table.add_column(split, justify="right")
-    for key in ("pairs", "tokens", "scored_tokens", "truncated", "length_bias"):
-        table.add_row(key.replace("_", " "), *(f"{s[key]:,}" for s in report["stats"].values()))
-    console.print(table)
+    rows = [(key.replace("_", " "), lambda s, k=key: s[k])
+            for key in ("pairs", "tokens", "scored_tokens", "truncated", "length_bias")]
+    console.print(stats_table(f"Preference data (max_length={report['max_length']})", report["stats"], rows))
     print_verdict(console, report)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lightning_ft.data.checks import Finding
+from lightning_ft.data.checks import Finding, problem_finding
+from lightning_ft.data.formats import DataProblem
 
 _SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
@@ -19,6 +21,36 @@ def verdict(findings: list[Finding], strict: bool) -> dict[str, Any]:
     counts = Counter(f.severity for f in findings)
     return {"ok": counts["error"] == 0, "counts": {severity: counts[severity] for severity in _SEVERITY_ORDER},
             "findings": [f.to_dict() for f in findings]}
+
+
+def scan_findings(problems: Sequence[DataProblem]) -> tuple[list[Finding], str | None]:
+    """The findings of what a data scan reported, and the one-line error that replaces the report when a file
+    cannot be read at all (``None`` when every file was read)."""
+    findings = [problem_finding(problem) for problem in problems]
+    unreadable = [f"{f.location}: {f.message}" for f in findings if f.code == "unreadable-file"]
+    return findings, "; ".join(unreadable) or None
+
+
+def assemble(findings: list[Finding], strict: bool, files: Mapping[str, str | None], max_length: int,
+             stats: Mapping[str, Any], **sections: Any) -> dict[str, Any]:
+    """A ``check-data`` report as plain data (what ``--json`` prints): the verdict, the files, the statistics
+    per split and any further sections."""
+    return {**verdict(findings, strict), "files": dict(files), "max_length": max_length, "stats": dict(stats),
+            **sections}
+
+
+def stats_table(title: str, stats: Mapping[str, Mapping[str, Any]],
+                rows: Sequence[tuple[str, Callable[[Mapping[str, Any]], Any]]]) -> Any:
+    """A rich table of statistics: one column per split, one row per ``(label, value of a split)``."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("")
+    for split in stats:
+        table.add_column(split, justify="right")
+    for label, value in rows:
+        table.add_row(label, *(f"{value(split):,}" for split in stats.values()))
+    return table
 
 
 def print_findings(console: Any, findings: list[dict[str, str]], show: int) -> None:
