@@ -191,3 +191,11 @@ def test_similar_pairs_matches_brute_force(threshold):
     brute = [(i, j, len(sets[i] & sets[j]) / len(sets[i] | sets[j])) for j in range(60) for i in range(j)
              if len(sets[i] & sets[j]) / len(sets[i] | sets[j]) >= threshold]
     assert sorted(similar_pairs(sets, threshold)) == sorted(brute)
+
+
+def test_shorten_is_the_one_preview():
+    from lightning_ft.data.checks import shorten
+
+    assert shorten("a  b\n c", 10) == "a b c"
+    assert shorten("abcdefghij", 5) == "abcd…" and len(shorten("x" * 500, 80)) == 80
+    assert shorten("line one\nline two", 12, flatten=False) == "line one\nli…"
