@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import warnings
 from typing import Any, Literal, Optional, Union
 
@@ -17,6 +19,7 @@ from lightning_ft.callbacks.export import SaveHFModel
 from lightning_ft.callbacks.nonfinite import NonFiniteGuard
 from lightning_ft.callbacks.run_report import RunReport
 from lightning_ft.data.datamodule import ChatDataModule
+from lightning_ft.front_door import quiet_third_party, run_guarded
 from lightning_ft.module import FineTuneModule
 from lightning_ft.run_dir import claim_run_directories
 from lightning_ft.precision import resolve_precision
@@ -115,3 +118,26 @@ def main(args: list[str] | dict | None = None, run: bool = True, model_class: ty
         # The run report states the trainable parameters: Lightning's model summary table would repeat it.
         trainer_defaults={"default_root_dir": "runs", "log_every_n_steps": 5, "enable_model_summary": False},
     )
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The ``lightning_ft`` command: an extra subcommand by name, else LightningCLI. Returns the exit code.
+
+    Known third-party noise is silenced, and a user error (bad data, a bad value, a missing file, a model
+    that cannot be found) prints as its message alone with exit code 1; ``--debug`` or
+    ``LIGHTNING_FT_DEBUG=1`` shows the traceback.
+    """
+    quiet_third_party()
+
+    def dispatch(args: list[str]) -> int:
+        if args and args[0] in EXTRA_COMMANDS:
+            module_name, function = EXTRA_COMMANDS[args[0]].split(":")
+            return int(getattr(importlib.import_module(module_name), function)(args[1:]) or 0)
+        main(args)
+        return 0
+
+    return run_guarded(dispatch, sys.argv[1:] if argv is None else list(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(console_main())

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from lightning_ft import FineTuneModule, FullFineTune, LoRA
 from lightning_ft.adapters import QLoRA
-from lightning_ft.console import console_main
 from lightning_ft.atomic import atomic_directory
+from lightning_ft.cli import console_main
 from lightning_ft.export import export
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_TOKENIZER_DIR
 from helpers import chat_record, write_chat_file
 
-from lightning_ft.console import console_main, main
+from lightning_ft.cli import console_main, main
 from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.data.formats import DataError
 

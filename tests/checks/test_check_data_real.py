@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ft.console import console_main
+from lightning_ft.cli import console_main
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from helpers import chat_record, write_chat_file
 
-from lightning_ft.console import console_main, main
+from lightning_ft.cli import console_main, main
 from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.data.mixture import per_epoch
 from lightning_ft.data.sampling import ResumableSampler

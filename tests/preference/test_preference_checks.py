@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pref_helpers import pair_record, write_pair_file, write_pairs
 
-from lightning_ft.console import console_main
+from lightning_ft.cli import console_main
 from lightning_ft.commands.check_pairs import is_preference_config
 from lightning_ft.preference.checks import find_length_bias, length_bias, lint_pairs
 from lightning_ft.preference.data import read_pairs

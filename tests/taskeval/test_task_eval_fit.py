@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_ft import ChatDataModule, FineTuneModule, LoRA, SaveHFModel, TaskEval
-from lightning_ft.console import console_main
+from lightning_ft.cli import console_main
 from lightning_ft.generation import generate
 from lightning_ft.loading import load_for_generation
 from lightning_ft.models import load_model, load_tokenizer
