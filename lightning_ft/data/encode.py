@@ -1,8 +1,8 @@
 """Conversations (Arrow) -> labelled token ids (Arrow), with worker processes and a validated on-disk cache.
 
 :func:`encode_batch` is the one place that turns conversations into training examples: it calls
-:func:`~lightning_ft.data.collate.encode_conversation` on each (one render of the template, one
-tokenisation) and records the truncation counts per row.
+:func:`~lightning_ft.data.collate.encode_conversations` on a batch (one render of the template each, one
+batched tokenisation) and records the truncation counts per row.
 
 :func:`encode_dataset` runs it with ``datasets.map`` over ``num_proc`` processes and keeps the result
 under ``$LIGHTNING_FT_CACHE/encoded/<key>``, keyed by the conversations' content, the tokenizer, the
@@ -29,7 +29,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from lightning_ft.data.collate import (
     EmptyLabelsError,
     count_trained,
-    encode_conversation,
+    encode_conversations,
     truncate_example,
 )
 from lightning_ft.atomic import atomic_directory
@@ -55,7 +55,7 @@ def encode_batch(batch: dict[str, list], *, tokenizer: Any, chat_template: str |
                  truncation: str, labelling: Mapping[str, Any]) -> dict[str, list]:
     """``datasets.map`` function: conversations -> ``input_ids``, ``labels`` and per-row counts.
 
-    The one place that calls :func:`~lightning_ft.data.collate.encode_conversation` for training data. Every
+    The one place that calls :func:`~lightning_ft.data.collate.encode_conversations` for training data. Every
     input row gives one output row with a ``status`` (kept, dropped by truncation, no trained token, template
     error), so the counts of a cache entry come from the entry itself.
     """
@@ -63,21 +63,20 @@ def encode_batch(batch: dict[str, list], *, tokenizer: Any, chat_template: str |
     conversations = [[{k: v for k, v in m.items() if v is not None} for m in chat] for chat in batch["messages"]]
     out: dict[str, list] = {key: [] for key in ("input_ids", "labels", "length", "trained", "lost", "truncated",
                                                 "status", "error", "row", "part")}
-    for messages, row, part in zip(conversations, batch["row"], batch["part"]):
-        status, error, trained, lost, cut = KEPT, "", 0, 0, False
-        try:
-            example = encode_conversation(messages, tokenizer, chat_template=chat_template, **labelling)
-        except EmptyLabelsError as problem:
-            status, error, example = NO_LABELS, str(problem), None
-        except ValueError as problem:  # a template problem, the same for every conversation
-            status, error, example = TEMPLATE_ERROR, str(problem), None
-        if example is not None:
-            full_trained = count_trained(example["labels"])
-            kept = truncate_example(example, max_length, truncation)
+    results = encode_conversations(conversations, tokenizer, chat_template=chat_template, **labelling)
+    for result, row, part in zip(results, batch["row"], batch["part"]):
+        status, error, trained, lost, cut, example = KEPT, "", 0, 0, False, None
+        if isinstance(result, EmptyLabelsError):
+            status, error = NO_LABELS, str(result)
+        elif isinstance(result, ValueError):  # a template problem, the same for every conversation
+            status, error = TEMPLATE_ERROR, str(result)
+        else:
+            full_trained = count_trained(result["labels"])
+            kept = truncate_example(result, max_length, truncation)
             if kept is None:
-                status, example = DROPPED, None
+                status = DROPPED
             else:
-                cut, trained = kept is not example, count_trained(kept["labels"])
+                cut, trained = kept is not result, count_trained(kept["labels"])
                 lost, example = full_trained - trained, kept
                 if not trained:
                     status, example = NO_LABELS, None
@@ -167,7 +166,7 @@ def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None
         chat_template: Overrides the tokenizer's template.
         max_length: Longest example; see ``truncation`` (``cut`` or ``drop``).
         truncation: ``cut`` keeps the first ``max_length`` tokens, ``drop`` marks the row dropped.
-        labelling: ``stop_tokens``, ``masking`` and ``train_reasoning`` for ``encode_conversation``.
+        labelling: ``stop_tokens``, ``masking`` and ``train_reasoning`` for ``encode_conversations``.
         num_proc: Worker processes for large data.
         cache: Serve and store the result under ``$LIGHTNING_FT_CACHE/encoded`` (validated before use).
         description: The progress line's label.
@@ -188,7 +187,7 @@ def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None
     try:
         with datasets_progress(len(conversations)):
             encoded = conversations.map(
-                encode_batch, batched=True, batch_size=256, num_proc=procs, desc=description, features=_features(),
+                encode_batch, batched=True, batch_size=512, num_proc=procs, desc=description, features=_features(),
                 remove_columns=conversations.column_names, cache_file_name=str(staging / "data.arrow"),
                 new_fingerprint=(key or os.urandom(16).hex())[:32],
                 fn_kwargs={"tokenizer": tokenizer, "chat_template": chat_template, "max_length": max_length,
