@@ -20,6 +20,7 @@ from lightning_ft.data.checks import enforce, lint_conversations
 from lightning_ft.data.collate import MASKING, ChatCollator
 from lightning_ft.data.encode import DROPPED, KEPT, NO_LABELS, TEMPLATE_ERROR, encode_dataset
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem
+from lightning_ft.data.lint import ArrowRows, Rows
 from lightning_ft.data.mixture import ExampleView, MixtureDataset, SourceTaggingCollator, per_epoch
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_ft.data.sources import Source, SourceData, as_source, read_source
@@ -323,7 +324,7 @@ class ChatDataModule(LightningDataModule):
             self.stop_tokens = generation_stop_ids(self.tokenizer) if self.tokenizer is not None else []
         return {"stop_tokens": self.stop_tokens, "masking": self.masking, "train_reasoning": self.train_reasoning}
 
-    def _check(self, train: list[Conversation], val: list[Conversation]) -> None:
+    def _check(self, train: Rows, val: Rows) -> None:
         """Model-free data checks: warnings printed once (rank zero), or raised with ``checks="strict"``."""
         if self.checks != "off":
             enforce(lint_conversations({"train": train, "val": val}), self.checks, "lightning_ft check-data")
@@ -388,8 +389,7 @@ class ChatDataModule(LightningDataModule):
         tokenizer = self._load_tokenizer()
         train, val = self._split_sources()
         if self.checks != "off":
-            self._check([c for part, ds in train for c in part.conversations(ds)],
-                        [c for part, ds in val for c in part.conversations(ds)])
+            self._check(ArrowRows(train), ArrowRows(val))  # streamed from Arrow: no Python object per conversation
         stats = dict.fromkeys(_STAT_KEYS, 0)
         errors: list[str] = []
         trained = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in train]
