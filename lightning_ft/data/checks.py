@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -24,12 +24,12 @@ from pytorch_lightning.utilities import rank_zero_warn
 from lightning_ft.data.collate import (
     EmptyLabelsError,
     count_trained,
-    encode_conversation,
+    encode_conversations,
+    render_texts,
     truncate_example,
 )
 from lightning_ft.data.formats import ROLES, Conversation, DataError, DataProblem
 from lightning_ft.data import minhash
-from lightning_ft.data.labels import TemplateRefusedError, render_text
 from lightning_ft.data.lint import (
     SHAPES,
     ConversationRows,
@@ -362,69 +362,104 @@ def _empty_stats() -> dict[str, Any]:
 def role_token_counts(messages: Sequence[Mapping[str, Any]], tokenizer: Any,
                       chat_template: str | None = None) -> dict[str, int]:
     """Tokens each role takes in the rendered conversation, template tokens (headers, end-of-turn) included."""
-    counts, previous = dict.fromkeys(ROLES, 0), 0
-    for end in range(1, len(messages) + 1):
-        try:
-            text = render_text(tokenizer, messages[:end], chat_template)
-        except TemplateRefusedError:  # e.g. a template that needs an assistant last: the next prefix counts it
-            continue
-        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        counts[messages[end - 1]["role"]] += max(0, length - previous)
-        previous = length
+    return role_token_counts_many([messages], tokenizer, chat_template)[0]
+
+
+def role_token_counts_many(conversations: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any,
+                           chat_template: str | None = None) -> list[dict[str, int]]:
+    """:func:`role_token_counts` of many conversations: every prefix rendered, then tokenised in one batch.
+
+    A prefix the template refuses (e.g. one that must end with the assistant) is skipped: the next one counts it.
+    """
+    prefixes = [(c, end) for c, messages in enumerate(conversations) for end in range(1, len(messages) + 1)]
+    texts = render_texts([conversations[c][:end] for c, end in prefixes], tokenizer, chat_template)
+    rendered = [i for i, text in enumerate(texts) if isinstance(text, str)]
+    lengths = dict(zip(rendered, map(len, tokenizer([texts[i] for i in rendered], add_special_tokens=False)[
+        "input_ids"]))) if rendered else {}
+    counts = [dict.fromkeys(ROLES, 0) for _ in conversations]
+    previous = [0] * len(conversations)
+    for i, (c, end) in enumerate(prefixes):
+        if i in lengths:
+            counts[c][conversations[c][end - 1]["role"]] += max(0, lengths[i] - previous[c])
+            previous[c] = lengths[i]
     return counts
 
 
-def token_checks(conversations: Sequence[Conversation], tokenizer: Any, max_length: int,
+def _chunks(conversations: Iterable[Conversation], size: int) -> Iterator[list[Conversation]]:
+    chunk: list[Conversation] = []
+    for conversation in conversations:
+        chunk.append(conversation)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def token_checks(conversations: Iterable[Conversation], tokenizer: Any, max_length: int,
                  truncation: Literal["cut", "drop"] = "cut", chat_template: str | None = None,
-                 labelling: Mapping[str, Any] | None = None,
+                 labelling: Mapping[str, Any] | None = None, keep: int | None = None,
                  ) -> tuple[dict[str, Any], list[Finding], list[tuple[Conversation, dict[str, list[int]]]]]:
     """Count turns and tokens per role, trained tokens and truncation losses with the model's chat template.
 
     ``labelling`` holds the label settings of :func:`~lightning_ft.data.collate.encode_conversation`
-    (``stop_tokens``, ``masking``, ``train_reasoning``), as the data module passes them.
+    (``stop_tokens``, ``masking``, ``train_reasoning``), as the data module passes them. Conversations are
+    encoded a batch at a time and may be streamed: only the first ``keep`` examples are kept (all: ``None``).
 
     Returns:
         The counts, findings (``truncated`` warnings, errors for conversations that would train nothing or
         that the template cannot render), and the ``(conversation, example)`` pairs as training would see them.
     """
     stats, findings, kept_examples = _empty_stats(), [], []
-    for conversation in conversations:
+    for chunk in _chunks(conversations, 256):
+        results = encode_conversations([c.messages for c in chunk], tokenizer, chat_template=chat_template,
+                                       **(labelling or {}))
         try:
-            example = encode_conversation(conversation.messages, tokenizer, chat_template=chat_template,
-                                          **(labelling or {}))
-            roles = role_token_counts(conversation.messages, tokenizer, chat_template)
-        except EmptyLabelsError as error:
-            findings.append(Finding("error", "no-trained-tokens", conversation.source, str(error)))
-            continue
-        except Exception as error:  # a template that cannot render this conversation: report, never crash
-            findings.append(Finding("error", "template", conversation.source, f"{type(error).__name__}: {error}"))
-            continue
-        stats["conversations"] += 1
-        for message in conversation.messages:
-            stats["turns"][message["role"]] += 1
-        for role, n in roles.items():
-            stats["tokens"][role] += n
-        stats["total_tokens"] += len(example["input_ids"])
-        trained = count_trained(example["labels"])
-        kept = truncate_example(example, max_length, truncation)
-        too_long = f"{len(example['input_ids']):,} tokens > max_length={max_length}"
-        if kept is None:
-            stats["dropped"] += 1
-            stats["assistant_tokens_lost"] += trained
-            findings.append(Finding("warning", "truncated", conversation.source,
-                                    f"{too_long}: dropped (truncation='drop'), losing {trained:,} assistant tokens"))
-            continue
-        if kept is not example:
-            lost = trained - count_trained(kept["labels"])
-            stats["truncated"] += 1
-            stats["assistant_tokens_lost"] += lost
-            if lost == trained:
-                findings.append(Finding("error", "no-trained-tokens", conversation.source,
-                                        f"{too_long}: the cut leaves no assistant token (raise max_length, or set "
-                                        "truncation='drop' to skip such conversations)"))
+            roles = role_token_counts_many([c.messages for c in chunk], tokenizer, chat_template)
+        except Exception:  # noqa: BLE001 - a template that fails oddly: count each alone, report, never crash
+            roles = [None] * len(chunk)
+        for conversation, example, counts in zip(chunk, results, roles):
+            if isinstance(example, EmptyLabelsError):
+                findings.append(Finding("error", "no-trained-tokens", conversation.source, str(example)))
                 continue
-            findings.append(Finding("warning", "truncated", conversation.source,
-                                    f"{too_long}: cut, losing {lost:,} of {trained:,} assistant tokens"))
-        stats["trained_tokens"] += count_trained(kept["labels"])
-        kept_examples.append((conversation, kept))
+            if isinstance(example, Exception) or counts is None:
+                error = example if isinstance(example, Exception) else ValueError("the template cannot render it")
+                findings.append(Finding("error", "template", conversation.source, f"{type(error).__name__}: {error}"))
+                continue
+            kept = _count(conversation, example, counts, stats, findings, max_length, truncation)
+            if kept is not None and (keep is None or len(kept_examples) < keep):
+                kept_examples.append((conversation, kept))
     return stats, findings, kept_examples
+
+
+def _count(conversation: Conversation, example: dict[str, list[int]], roles: dict[str, int], stats: dict[str, Any],
+           findings: list[Finding], max_length: int, truncation: Literal["cut", "drop"]) -> dict[str, list[int]] | None:
+    """Add one encoded conversation to ``stats`` and its truncation to ``findings``; the example as trained."""
+    stats["conversations"] += 1
+    for message in conversation.messages:
+        stats["turns"][message["role"]] += 1
+    for role, n in roles.items():
+        stats["tokens"][role] += n
+    stats["total_tokens"] += len(example["input_ids"])
+    trained = count_trained(example["labels"])
+    kept = truncate_example(example, max_length, truncation)
+    too_long = f"{len(example['input_ids']):,} tokens > max_length={max_length}"
+    if kept is None:
+        stats["dropped"] += 1
+        stats["assistant_tokens_lost"] += trained
+        findings.append(Finding("warning", "truncated", conversation.source,
+                                f"{too_long}: dropped (truncation='drop'), losing {trained:,} assistant tokens"))
+        return None
+    if kept is not example:
+        lost = trained - count_trained(kept["labels"])
+        stats["truncated"] += 1
+        stats["assistant_tokens_lost"] += lost
+        if lost == trained:
+            findings.append(Finding("error", "no-trained-tokens", conversation.source,
+                                    f"{too_long}: the cut leaves no assistant token (raise max_length, or set "
+                                    "truncation='drop' to skip such conversations)"))
+            return None
+        findings.append(Finding("warning", "truncated", conversation.source,
+                                f"{too_long}: cut, losing {lost:,} of {trained:,} assistant tokens"))
+    stats["trained_tokens"] += count_trained(kept["labels"])
+    return kept

@@ -243,7 +243,7 @@ def encode_conversations(conversations: Sequence[Sequence[Mapping[str, Any]]], t
         if problems := check_conversation(messages):
             results[index] = ValueError("Invalid conversation: " + "; ".join(problems))
     todo = [i for i, result in enumerate(results) if result is None]
-    texts = _render_all([conversations[i] for i in todo], tokenizer, chat_template)
+    texts = render_texts([conversations[i] for i in todo], tokenizer, chat_template)
     for i, text in zip(todo, texts):
         if isinstance(text, ValueError):
             results[i] = text
@@ -260,9 +260,9 @@ def encode_conversations(conversations: Sequence[Sequence[Mapping[str, Any]]], t
     return results  # type: ignore[return-value]
 
 
-def _render_all(conversations: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any,
+def render_texts(conversations: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any,
                 chat_template: str | None) -> list[str | ValueError]:
-    """Every conversation's render, or its :class:`TemplateRefusedError`."""
+    """Every conversation's render (one ``apply_chat_template`` call), or its :class:`TemplateRefusedError`."""
     if not conversations:
         return []
     plain = [[{"role": m["role"], "content": m["content"]} for m in messages] for messages in conversations]

@@ -279,6 +279,13 @@ class ChatDataModule(LightningDataModule):
             data.setdefault(split, []).extend(part.conversations())
         return data, [problem for _, part in parts for problem in part.problems]
 
+    def scan_rows(self) -> tuple[Rows, Rows, list[DataProblem]]:
+        """:meth:`scan` and :meth:`split` as ``fit`` splits, streamed: the training and validation conversations as
+        :class:`~lightning_ft.data.lint.ArrowRows` (read from Arrow a batch at a time) and every problem."""
+        problems = [problem for part in self._parts_read() for problem in part.problems]
+        train, val = self._split_sources()
+        return ArrowRows(train), ArrowRows(val), problems
+
     def prepare_data(self) -> None:
         """Read, check and encode everything before Lightning creates any log directory.
 

@@ -41,25 +41,31 @@ class Rows(Protocol):
 
     def location(self, index: int) -> str: ...
 
+    def conversations(self) -> Iterator[Any]:
+        """Every conversation in order as a :class:`~lightning_ft.data.formats.Conversation`, one at a time."""
+
 
 class ConversationRows:
     """A list of :class:`~lightning_ft.data.formats.Conversation` as :class:`Rows`."""
 
     def __init__(self, conversations: Sequence[Any]) -> None:
-        self.conversations = conversations
+        self.items = conversations
 
     def __len__(self) -> int:
-        return len(self.conversations)
+        return len(self.items)
 
     def batches(self) -> Iterator[list[Sequence[Mapping[str, Any]]]]:
-        for start in range(0, len(self.conversations), _BATCH):
-            yield [c.messages for c in self.conversations[start:start + _BATCH]]
+        for start in range(0, len(self.items), _BATCH):
+            yield [c.messages for c in self.items[start:start + _BATCH]]
 
     def messages(self, index: int) -> Sequence[Mapping[str, Any]]:
-        return self.conversations[index].messages
+        return self.items[index].messages
 
     def location(self, index: int) -> str:
-        return self.conversations[index].source
+        return self.items[index].source
+
+    def conversations(self) -> Iterator[Any]:
+        yield from self.items
 
 
 class ArrowRows:
@@ -88,6 +94,16 @@ class ArrowRows:
     def location(self, index: int) -> str:
         source, record = self._record(index)
         return source.location(record["part"], record["row"])
+
+    def conversations(self) -> Iterator[Any]:
+        from lightning_ft.data.formats import Conversation
+
+        for source, dataset in self.parts:
+            for batch in dataset.iter(batch_size=_BATCH):
+                for messages, part, row in zip(batch["messages"], batch["part"], batch["row"]):
+                    # Arrow gives every message every key; an absent ``train`` opt-out comes back as None.
+                    yield Conversation(tuple({k: v for k, v in m.items() if v is not None} for m in messages),
+                                       source.location(part, row))
 
 
 def _last_assistant(messages: Sequence[Mapping[str, Any]]) -> int:
