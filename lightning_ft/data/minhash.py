@@ -27,6 +27,7 @@ _RNG = np.random.default_rng(0x5EED)
 _A = _RNG.integers(1, 2**63, size=BANDS * ROWS, dtype=np.uint64) | np.uint64(1)
 _B = _RNG.integers(0, 2**63, size=BANDS * ROWS, dtype=np.uint64)
 _MIX = _RNG.integers(1, 2**63, size=ROWS, dtype=np.uint64) | np.uint64(1)
+_GRAM = _RNG.integers(1, 2**63, size=3, dtype=np.uint64) | np.uint64(1)
 
 
 def normalize(text: str) -> str:
@@ -46,18 +47,33 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
 
 
+def _gram_hashes(text: str, size: int = 3) -> np.ndarray:
+    """A 64-bit hash of each word ``size``-gram of the normalised text (the same grams as :func:`shingles`)."""
+    words = normalize(text).split()
+    hashed = np.fromiter((zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words), np.uint64, len(words))
+    if len(words) <= size:  # the whole text is one gram
+        return (hashed * _GRAM[:len(words)]).sum(keepdims=True) if len(words) else hashed
+    return sum(hashed[k:len(words) - size + 1 + k] * _GRAM[k] for k in range(size))  # wraps: a hash per gram
+
+
 def band_hashes(texts: Sequence[str]) -> np.ndarray:
     """``(len(texts), BANDS)`` LSH band hashes; a text with no word gets zeros (never a candidate)."""
     out = np.zeros((len(texts), BANDS), dtype=np.uint64)
-    sets = [shingles(text) for text in texts]
-    rows = [i for i, s in enumerate(sets) if s]
+    grams = [_gram_hashes(text) for text in texts]
+    rows = [i for i, g in enumerate(grams) if len(g)]
     if not rows:
         return out
-    hashed = [np.fromiter((zlib.crc32(g.encode("utf-8", "surrogatepass")) for g in sets[i]), np.uint64, len(sets[i]))
-              for i in rows]
-    starts = np.cumsum([0] + [len(h) for h in hashed[:-1]])
-    flat = np.concatenate(hashed)
-    minima = np.minimum.reduceat((flat[:, None] * _A + _B) >> np.uint64(32), starts, axis=0)
+    starts = np.cumsum([0] + [len(grams[i]) for i in rows[:-1]])
+    flat = np.concatenate([grams[i] for i in rows])
+    # A repeated gram cannot change a minimum: the multiset's MinHash is the set's. One hash function at a time
+    # keeps the temporary at one number per gram (all at once would be BANDS * ROWS per gram).
+    minima = np.empty((len(rows), BANDS * ROWS), dtype=np.uint64)
+    mixed = np.empty_like(flat)
+    for k in range(BANDS * ROWS):
+        np.multiply(flat, _A[k], out=mixed)
+        np.add(mixed, _B[k], out=mixed)
+        np.right_shift(mixed, np.uint64(32), out=mixed)
+        minima[:, k] = np.minimum.reduceat(mixed, starts)
     bands = (minima.reshape(len(rows), BANDS, ROWS) * _MIX).sum(axis=2)  # wraps: a hash of each band
     out[rows] = np.where(bands == 0, np.uint64(1), bands)
     return out
