@@ -121,10 +121,30 @@ def encoding_key(conversations: Any, tokenizer: Any, chat_template: str | None, 
     return hashlib.sha256((settings + _digest(conversations, ["messages", "row", "part"])).encode()).hexdigest()
 
 
-def _entry_record(encoded: Any) -> dict[str, Any]:
+def _file_digest(files: list[Path], columns: list[str]) -> str:
+    """A content hash of ``columns`` of Arrow stream files, read a record batch at a time.
+
+    Read, not memory-mapped: every page of a mapped file read stays in the process's resident memory, and
+    the token ids are the largest data of a run.
+    """
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    for file in files:
+        with pa.OSFile(str(file)) as source:
+            for batch in pa.ipc.open_stream(source):
+                sink = pa.BufferOutputStream()
+                selected = batch.select(columns)
+                with pa.ipc.new_stream(sink, selected.schema) as writer:
+                    writer.write_batch(selected)
+                digest.update(sink.getvalue())
+    return digest.hexdigest()
+
+
+def _entry_record(encoded: Any, files: list[Path]) -> dict[str, Any]:
     lengths = np.asarray(encoded.data.column("length").to_numpy(), dtype=np.int64)
     return {"version": ENCODING_VERSION, "rows": len(encoded), "tokens": int(lengths.sum()),
-            "checksum": _digest(encoded, ["input_ids", "labels"])}
+            "checksum": _file_digest(files, ["input_ids", "labels"])}
 
 
 def _load_entry(path: Path) -> Any | None:
@@ -142,7 +162,7 @@ def _load_entry(path: Path) -> Any | None:
         consistent = (np.array_equal(lengths, encoded.data.column("length").to_numpy())
                       and np.array_equal(lengths, pc.list_value_length(encoded.data.column("labels"))
                                          .to_numpy(zero_copy_only=False)))
-        actual = _entry_record(encoded)
+        actual = _entry_record(encoded, [path / name for name in record["shards"]])
     except Exception as error:  # noqa: BLE001 - any unreadable entry is rebuilt, never trusted
         rank_zero_warn(f"Encode cache entry {path.name} is unreadable ({type(error).__name__}): re-encoding.")
         return None
@@ -208,7 +228,7 @@ def _store(target: Path, staging: Path, encoded: Any) -> None:
             for name in shards:
                 os.link(staging / name, entry / name) if _same_device(staging, entry) else \
                     shutil.copyfile(staging / name, entry / name)
-            record = {**_entry_record(encoded), "shards": shards}
+            record = {**_entry_record(encoded, [entry / name for name in shards]), "shards": shards}
             (entry / "entry.json").write_text(json.dumps(record))
     except OSError:
         pass
