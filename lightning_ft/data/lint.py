@@ -154,19 +154,22 @@ def features(rows: Rows, prompt_bands: bool = False) -> Features:
     columns: dict[str, list] = {key: [] for key in Features.__dataclass_fields__}
     for batch in rows.batches():
         prompts, answers = [prompt_of(m) for m in batch], [answer_of(m) for m in batch]
-        for messages, prompt, answer in zip(batch, prompts, answers):
-            shape, keys, _ = response_shape(answer)
+        plain_prompts, plain_answers = [normalize(p) for p in prompts], [normalize(a) for a in answers]
+        for messages, prompt, answer in zip(batch, plain_prompts, plain_answers):
+            shape, keys, _ = response_shape(messages[_last_assistant(messages)]["content"])
             columns["raw"].append(digest("\x1e".join(f"{m['role']}\x1f{m['content']}" for m in messages)))
-            columns["prompt"].append(digest(normalize(prompt)))
-            columns["answer"].append(digest(normalize(answer)))
+            columns["prompt"].append(digest(prompt))
+            columns["answer"].append(digest(answer))
             columns["system"].append(digest(system_of(messages)))
             columns["shape"].append(SHAPES.index(shape))
             columns["keys"].append(digest(json.dumps(keys)) if keys is not None else 0)
         columns["prompt_length"] += [len(p) for p in prompts]
         columns["answer_length"] += [len(a) for a in answers]
-        columns["text_bands"].append(minhash.band_hashes([p + "\n" + a for p, a in zip(prompts, answers)]))
+        # normalize(prompt + "\n" + answer) is the two normalised texts joined by a space.
+        columns["text_bands"].append(minhash.band_hashes(
+            [f"{p} {a}".strip() for p, a in zip(plain_prompts, plain_answers)], normalized=True))
         if prompt_bands:
-            columns["prompt_bands"].append(minhash.band_hashes(prompts))
+            columns["prompt_bands"].append(minhash.band_hashes(plain_prompts, normalized=True))
     empty = np.zeros((0, minhash.BANDS), dtype=np.uint64)
     hashes = {key: np.array(columns[key], dtype=np.uint64) for key in ("raw", "prompt", "answer", "system", "keys")}
     return Features(**hashes, shape=np.array(columns["shape"], dtype=np.int8),

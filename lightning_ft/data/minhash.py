@@ -47,19 +47,22 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
 
 
-def _gram_hashes(text: str, size: int = 3) -> np.ndarray:
-    """A 64-bit hash of each word ``size``-gram of the normalised text (the same grams as :func:`shingles`)."""
-    words = normalize(text).split()
-    hashed = np.fromiter((zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words), np.uint64, len(words))
+def _gram_hashes(normalized: str, size: int = 3) -> np.ndarray:
+    """A 64-bit hash of each word ``size``-gram of normalised text (the same grams as :func:`shingles`)."""
+    words = normalized.encode("utf-8", "surrogatepass").split()
+    hashed = np.fromiter(map(zlib.crc32, words), np.uint64, len(words))
     if len(words) <= size:  # the whole text is one gram
         return (hashed * _GRAM[:len(words)]).sum(keepdims=True) if len(words) else hashed
     return sum(hashed[k:len(words) - size + 1 + k] * _GRAM[k] for k in range(size))  # wraps: a hash per gram
 
 
-def band_hashes(texts: Sequence[str]) -> np.ndarray:
-    """``(len(texts), BANDS)`` LSH band hashes; a text with no word gets zeros (never a candidate)."""
+def band_hashes(texts: Sequence[str], normalized: bool = False) -> np.ndarray:
+    """``(len(texts), BANDS)`` LSH band hashes; a text with no word gets zeros (never a candidate).
+
+    ``normalized``: the texts are already :func:`normalize`-d.
+    """
     out = np.zeros((len(texts), BANDS), dtype=np.uint64)
-    grams = [_gram_hashes(text) for text in texts]
+    grams = [_gram_hashes(text if normalized else normalize(text)) for text in texts]
     rows = [i for i, g in enumerate(grams) if len(g)]
     if not rows:
         return out
@@ -87,11 +90,13 @@ def candidates(bands: np.ndarray, skip: np.ndarray | None = None) -> Iterator[tu
         order = np.flatnonzero(live & (column != 0))
         order = order[np.argsort(column[order], kind="stable")]  # equal hashes stay in row order
         values = column[order]
-        cut = np.flatnonzero(values[1:] != values[:-1]) + 1
-        for group in np.split(order, cut):
-            for position in range(1, len(group)):
-                for i in group[:min(position, PER_BUCKET)]:
-                    yield int(i), int(group[position])
+        same = np.flatnonzero(values[1:] == values[:-1])  # positions whose successor shares the bucket
+        start = -1
+        for position in same.tolist():
+            if start < 0 or values[position] != values[start]:
+                start = position  # the bucket's first member
+            for i in order[start:min(position + 1, start + PER_BUCKET)].tolist():
+                yield i, int(order[position + 1])
 
 
 def cross_candidates(bands: np.ndarray, others: np.ndarray) -> Iterator[tuple[int, int]]:
