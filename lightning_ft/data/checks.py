@@ -294,8 +294,10 @@ def _rare_value_findings(rows: Rows, indices: np.ndarray, keys: tuple[str, ...])
             continue  # too little data, or free text rather than labels (labels repeat, 5x on average or more)
         rare = max(1, total // 200)
         usual = ", ".join(f"{seen[code]} ({n})" for code, n in counts.most_common(6) if n > rare)
+        if min(counts.values()) > rare:
+            continue  # nothing rare: no answer needs reading again
         for i in indices.tolist():
-            value = json.loads(answer_of(rows.messages(i)))[key] if len(counts) else None
+            value = json.loads(answer_of(rows.messages(i)))[key]
             code = digest(json.dumps(value)) if isinstance(value, (str, int, float, bool)) else None
             if code is not None and counts[code] <= rare:
                 findings.append(Finding("warning", "rare-value", rows.location(i),
