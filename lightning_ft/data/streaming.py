@@ -193,8 +193,14 @@ class SourceStream:
     def records(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """Every raw record of one pass in file order: ``(part number, index in the part, record)``."""
         for number, part in enumerate(self.parts):
-            for index, record in enumerate(part.dataset):
-                yield number, index, record
+            index = 0
+            # ``iter`` reads the whole stream in every DataLoader worker (plain iteration would hand each worker
+            # some of the files): the workers split the records themselves, after the mixture.
+            for batch in part.dataset.iter(batch_size=1000):
+                keys = list(batch)
+                for position in range(len(batch[keys[0]])):
+                    yield number, index, {key: batch[key][position] for key in keys}
+                    index += 1
 
     def one_pass(self, epoch: int, number: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """Pass ``number`` of ``epoch`` in its seeded shuffled order."""
