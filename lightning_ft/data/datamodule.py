@@ -452,6 +452,10 @@ class ChatDataModule(LightningDataModule):
         if stage in (None, "fit") and trainer is not None and (trainer.max_steps is None or trainer.max_steps < 0):
             raise ValueError("data.streaming: true needs trainer.max_steps: a stream has no length to plan the "
                              "learning-rate schedule from (set e.g. --trainer.max_steps 1000)")
+        interval = getattr(trainer, "val_check_interval", 1.0)
+        if stage in (None, "fit") and isinstance(interval, float) and interval != 1.0:
+            raise ValueError(f"data.streaming: true needs trainer.val_check_interval as a number of batches (e.g. 200), "
+                             f"not a share ({interval}) of an epoch whose length a stream does not know")
         if not self.training_sources():
             raise ValueError("ChatDataModule has no training data: set train_path or sources.")
         tokenizer = self._load_tokenizer()

@@ -135,3 +135,39 @@ def test_a_bad_streamed_record_names_its_source_and_row(tiny_model_dir, tmp_path
     pd.DataFrame({"messages": rows}).to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"bad.parquet:row 2"):
         _streamed(str(tmp_path / "bad.parquet"), tiny_model_dir)  # within the sample: found before training
+
+
+def test_streamed_mixture_from_yaml_trains_and_logs_source_shares(tiny_model_dir, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_ft.cli import console_main, main
+
+    write_chat_file(tmp_path / "a.jsonl", 20)
+    pd.DataFrame({"messages": [chat_record(i)["messages"] for i in range(100, 110)]}).to_parquet(tmp_path / "b.parquet")
+    config = tmp_path / "stream.yaml"
+    config.write_text(f"""
+data:
+  streaming: true
+  shuffle_buffer: 16
+  train_path: null
+  val_path: null
+  sources:
+    - path: {tmp_path / 'a.jsonl'}
+      weight: 3
+    - path: {tmp_path / 'b.parquet'}
+      weight: 1
+      name: pq
+""")
+    base = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--config", str(config),
+            "--model.model_name", tiny_model_dir, "--trainer.precision", "32-true", "--progress_bar.refresh_rate", "0",
+            "--trainer.default_root_dir", str(tmp_path / "runs")]
+    capsys.readouterr()
+    assert console_main(base) == 1  # the quickstart sets max_epochs only
+    assert "data.streaming: true needs trainer.max_steps" in capsys.readouterr().err
+    assert console_main([*base, "--trainer.max_steps", "3"]) == 1  # the quickstart validates at half epochs
+    assert "needs trainer.val_check_interval as a number of batches" in capsys.readouterr().err
+    cli = main([*base, "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "2"])
+    assert cli.trainer.global_step == 3
+    events = EventAccumulator(cli.trainer.log_dir)
+    events.Reload()
+    assert {"train/source_share/a", "train/source_share/pq"} <= set(events.Tags()["scalars"])
