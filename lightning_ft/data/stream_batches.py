@@ -4,7 +4,8 @@ The epoch's mixed record stream (:func:`~lightning_ft.data.streaming.mixed_strea
 consecutive records: one batch (``batch_size`` records) for padded and packed batches, a window of
 :data:`GROUP_WINDOW` batches for length-grouped ones (sorted by length inside the window, the batches then
 shuffled: the bounded buffer of grouping). Unit ``u`` belongs to rank ``u % world_size``, so ranks never
-share an example. Within a rank, padded and packed units go round-robin to the DataLoader workers, which
+share an example (the records of an epoch's last incomplete round of units are left out under several
+processes, so that all ranks yield as many batches). Within a rank, padded and packed units go round-robin to the DataLoader workers, which
 convert and tokenise only their own units; a grouped window is tokenised by every worker, which each keep
 their share of its batches. Every batch carries its position (unit, batch in the unit): a resumed run
 re-creates the same stream, skips the records of the finished units without converting them, and
@@ -124,21 +125,25 @@ class StreamingBatches(torch.utils.data.IterableDataset):
 
     def units(self, start: int, wanted: Callable[[int], bool]) -> Iterator[tuple[int, list[RawRecord]]]:
         """``(unit number, records)`` of this rank's units from ``start``; units ``wanted`` rejects are drawn
-        (to keep the stream's order) but not kept, so skipping costs no conversion or tokenisation."""
-        size, current, records = self.unit_size, None, []
+        (to keep the stream's order) but not kept, so skipping costs no conversion or tokenisation.
+
+        Unit ``c`` of every rank comes from round ``c`` of the stream (``world_size`` units), and is yielded once
+        its round is complete; under several processes an epoch's last, incomplete round is left out, so that
+        every rank yields the same number of batches (a rank that ran out first would wait for the others).
+        """
+        size, world = self.unit_size, self.world_size
+        records: list[RawRecord] = []
+        unit = 0
         for position, record in enumerate(mixed_stream(self.streams, self.weights, self.seed, self.epoch)):
-            global_unit = position // size
-            if global_unit % self.world_size != self.rank:
-                continue
-            unit = global_unit // self.world_size
-            if unit != current:
-                if current is not None and records:
-                    yield current, records
-                current, records = unit, []
-            if unit >= start and wanted(unit):
+            unit, place = divmod(position // size, world)
+            if place == self.rank and unit >= start and wanted(unit):
                 records.append(record)
-        if current is not None and records:
-            yield current, records
+            if (position + 1) % (size * world) == 0:
+                if records:
+                    yield unit, records
+                records = []
+        if records and world == 1:
+            yield unit, records
 
     def unit_batches(self, unit: int, records: list[RawRecord]) -> list[list[dict[str, Any]]]:
         """The batches of one unit: in order, or (grouped) sorted by length and shuffled (seeded by the unit)."""

@@ -66,15 +66,17 @@ def test_shuffle_buffer_is_seeded_and_workers_split_without_duplicates(tiny_mode
     assert reseeded != first
 
 
-def test_ranks_split_the_stream(tiny_model_dir, tmp_path):
-    path = write_varied_chat_file(tmp_path / "train.jsonl", 20)
+@pytest.mark.parametrize("records", [20, 23])
+def test_ranks_split_the_stream_into_equal_shares(tiny_model_dir, tmp_path, records):
+    path = write_varied_chat_file(tmp_path / "train.jsonl", records)
     seen = []
     for rank in (0, 1):
-        data = _streamed(path, tiny_model_dir, batch_size=2, packing=False, group_by_length=True)
+        data = _streamed(path, tiny_model_dir, batch_size=2, packing=False, group_by_length=False)
         loader = data.train_dataloader()
         loader.dataset.rank, loader.dataset.world_size = rank, 2
         seen.append([tuple(ids) for b in loader for ids, _ in _examples(b)])
-    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 20
+    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == 10  # 23: the last incomplete round (3 records) is left out
 
 
 def _loss_sums(model, batch):
