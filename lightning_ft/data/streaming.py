@@ -22,11 +22,9 @@ from typing import Any
 from lightning_ft.data.formats import DataError, DataProblem, format_location
 from lightning_ft.data.sources import (
     _SEP,
-    SUFFIXES,
     Source,
     SourceError,
     _datasets_cache,
-    _expand,
     _hub_reachable,
     _is_hub_id,
     _open_file,
@@ -35,6 +33,7 @@ from lightning_ft.data.sources import (
     _text_format,
     convert_batch,
     datasets_progress,
+    local_parts,
 )
 
 #: A raw record on its way: ``(source number, part number, index in the part, record)``.
@@ -101,22 +100,8 @@ def _raw_parts(source: Source) -> list[tuple[str, Any, str, bool]]:
     """``(label, iterable dataset, unit, holds JSON text)`` of every part of a source."""
     if _is_hub_id(source.path):
         return [(source.label, _stream_hub(source), "row", False)]
-    parts = []
-    for file in _expand(source.path):
-        path = Path(file)
-        if path.is_dir():
-            if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-                raise SourceError(file, "is a directory but not one written by Dataset.save_to_disk")
-            label = f"{file}[{source.split}]" if source.split else file
-            parts.append((label, _open_saved(path, source).to_iterable_dataset(), "row", False))
-        elif not path.is_file():
-            raise SourceError(file, "file not found")
-        elif path.suffix not in SUFFIXES:
-            raise SourceError(file, f"unsupported file type {path.suffix!r} (allowed: {', '.join(SUFFIXES)}, "
-                              "a saved dataset directory, or a Hub id)")
-        else:
-            parts.append((file, *_stream_file(file)))
-    return parts
+    return [(label, _open_saved(Path(file), source).to_iterable_dataset(), "row", False) if saved
+            else (file, *_stream_file(file)) for label, file, saved in local_parts(source)]
 
 
 def open_stream(source: Source, format: str = "auto") -> list[StreamPart]:
