@@ -51,9 +51,10 @@ def test_stream_yields_the_map_style_examples(tiny_model_dir, tmp_path, suffix):
     assert [e for batch in data.train_dataloader() for e in _examples(batch)] == expected
 
 
-def test_shuffle_buffer_is_seeded_and_workers_split_without_duplicates(tiny_model_dir, tmp_path):
-    path = write_chat_file(tmp_path / "train.jsonl", 30)
-    settings = {"batch_size": 2, "packing": False, "group_by_length": False, "shuffle_buffer": 8}
+@pytest.mark.parametrize("grouped", [False, True], ids=["padded", "grouped"])
+def test_shuffle_buffer_is_seeded_and_workers_split_without_duplicates(tiny_model_dir, tmp_path, grouped):
+    path = write_varied_chat_file(tmp_path / "train.jsonl", 30)
+    settings = {"batch_size": 2, "packing": False, "group_by_length": grouped, "shuffle_buffer": 8}
     first = [e for b in _streamed(path, tiny_model_dir, **settings).train_dataloader() for e in _examples(b)]
     again = [e for b in _streamed(path, tiny_model_dir, num_workers=2, **settings).train_dataloader()
              for e in _examples(b)]
@@ -64,6 +65,15 @@ def test_shuffle_buffer_is_seeded_and_workers_split_without_duplicates(tiny_mode
     assert sorted(first) == sorted(in_order) and first != in_order
     reseeded = [e for b in _streamed(path, tiny_model_dir, seed=1, **settings).train_dataloader() for e in _examples(b)]
     assert reseeded != first
+
+
+def test_an_unreachable_hub_stream_is_one_line(monkeypatch):
+    from lightning_ft.data import streaming
+
+    monkeypatch.setattr(streaming, "_hub_reachable", lambda: False)
+    with pytest.raises(DataError, match=r"org/chats\[train\]: cannot stream the Hub dataset: this machine has no "
+                                        r"network access to huggingface.co"):
+        streaming.open_stream(Source("org/chats", split="train"))
 
 
 @pytest.mark.parametrize("records", [20, 23])
