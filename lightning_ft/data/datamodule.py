@@ -675,6 +675,8 @@ class ChatDataModule(LightningDataModule):
             self._stream_next = StreamPosition(int(state_dict["stream_epoch"]), int(state_dict["stream_unit"]),
                                                int(state_dict["stream_batch"]))
             self._stream_consumed = torch.tensor(state_dict["examples_per_source"], dtype=torch.long)
+            if self._stream is not None:  # a loader built before the restore resumes too
+                self._stream.resume = self._stream_next
         elif state_dict:
             self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
