@@ -14,7 +14,13 @@ workers, sampled every 0.2 s; pages shared after fork count once per process):
 - ``trl``: ``SFTTrainer``'s dataset preparation of the same file (``load_dataset("json")``, chat template,
   tokenisation), with a tiny model so that only the data counts.
 
+With ``--streaming B``, only ``lightning_ft (streaming)`` runs: ``ChatDataModule(streaming=True)`` set up and
+``B`` training batches of 4 drawn (shuffle buffer of 10,000, packed, ``--num_proc`` DataLoader workers): time to
+the first batch, time for all ``B``, conversations per second after the first batch, and peak RSS, which should
+not grow with the corpus.
+
     python benchmarks/data_prep.py --conversations 100000 --num_proc 2
+    python benchmarks/data_prep.py --conversations 100000 1000000 --streaming 200 --num_proc 2
 """
 
 from __future__ import annotations
@@ -131,22 +137,43 @@ def run_trl(path: str, tokenizer_spec: str, num_proc: int) -> dict:
     return {"seconds": time.perf_counter() - started, "tokens": tokens}
 
 
+def run_streaming(path: str, tokenizer_spec: str, num_proc: int, batches: int) -> dict:
+    from lightning_ft.data.datamodule import ChatDataModule
+
+    started = time.perf_counter()
+    data = ChatDataModule(path, tokenizer=tokenizer_spec, max_length=2048, streaming=True, packing=True,
+                          num_workers=num_proc if num_proc > 1 else 0)
+    data.setup("fit")
+    tokens, first = 0, None
+    for number, batch in enumerate(data.train_dataloader(), start=1):
+        first = first if first is not None else time.perf_counter() - started
+        tokens += int(batch["token_mask"].sum())
+        if number == batches:
+            break
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "first_batch_s": first, "batches": number, "tokens": tokens,
+            "conversations_per_s": (number - 1) * data.batch_size / max(seconds - first, 1e-9)}  # after the first
+
+
 _CONTENDERS = {"floor": run_floor, "lightning_ft": run_lightning_ft, "trl": run_trl}
 
 
-def _worker(name: str, path: str, tokenizer: str, num_proc: int) -> None:
+def _worker(name: str, path: str, tokenizer: str, num_proc: int, batches: int) -> None:
     sampler = _TreePeak()
     sampler.start()
-    result = _CONTENDERS[name](path, tokenizer, num_proc)
+    if name == "streaming":
+        result = run_streaming(path, tokenizer, num_proc, batches)
+    else:
+        result = _CONTENDERS[name](path, tokenizer, num_proc)
     sampler.done.set()
     own, children = _peak_mb()
     print(json.dumps({**result, "peak_rss_mb": round(own), "worker_peak_rss_mb": round(children),
                       "tree_peak_rss_mb": round(max(sampler.peak, own))}))
 
 
-def _run(name: str, path: Path, tokenizer: str, num_proc: int, env: dict) -> dict:
+def _run(name: str, path: Path, tokenizer: str, num_proc: int, env: dict, batches: int = 0) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--data", str(path), "--tokenizer", tokenizer,
-               "--num_proc", str(num_proc)]
+               "--num_proc", str(num_proc), "--streaming", str(batches)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -159,24 +186,23 @@ def main() -> None:
     parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(_CONTENDERS), help="contenders not to run")
+    parser.add_argument("--streaming", type=int, default=0, metavar="B",
+                        help="measure streaming instead: set up and draw B batches")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.worker:
-        _worker(options.worker, options.data, options.tokenizer, options.num_proc)
+        _worker(options.worker, options.data, options.tokenizer, options.num_proc, options.streaming)
+        return
+    if options.streaming:
+        _stream_table(options)
         return
     rows = []
     for count in options.conversations:
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "chat.jsonl"
             write_corpus(path, count)
-            # A fresh cache for both libraries: the first lightning_ft run is cold, the second a cache hit.
-            env = {**os.environ, "LIGHTNING_FT_CACHE": str(Path(scratch) / "cache"),
-                   "HF_DATASETS_CACHE": str(Path(scratch) / "hf_datasets"), "TOKENIZERS_PARALLELISM": "true"}
-            models = Path(os.environ.get("LIGHTNING_FT_CACHE", Path.home() / ".cache" / "lightning_ft")) / "models"
-            (Path(scratch) / "cache").mkdir()
-            if models.exists():  # the converted default model, so that no contender converts it again
-                os.symlink(models, Path(scratch) / "cache" / "models")
+            env = _scratch_env(scratch)  # the first lightning_ft run is cold, the second a cache hit
             names = [n for n in ("floor", "lightning_ft", "lightning_ft", "trl") if n not in options.skip]
             results = {}
             for name in names:
@@ -195,6 +221,35 @@ def main() -> None:
         print(f"{row['conversations']:>13,} {row['contender']:<26} {row['tokens']:>12,} {row['seconds']:>8.1f} "
               f"{row['per_100k_s']:>8.1f} {ratio:>8} {row['peak_rss_mb']:>7} {row['worker_peak_rss_mb']:>9} "
               f"{row['tree_peak_rss_mb']:>8}")
+    print(json.dumps(rows))
+
+
+def _scratch_env(scratch: str) -> dict:
+    """A fresh cache for every library, with the converted default model linked in (never converted again)."""
+    env = {**os.environ, "LIGHTNING_FT_CACHE": str(Path(scratch) / "cache"),
+           "HF_DATASETS_CACHE": str(Path(scratch) / "hf_datasets"), "TOKENIZERS_PARALLELISM": "true"}
+    models = Path(os.environ.get("LIGHTNING_FT_CACHE", Path.home() / ".cache" / "lightning_ft")) / "models"
+    (Path(scratch) / "cache").mkdir()
+    if models.exists():
+        os.symlink(models, Path(scratch) / "cache" / "models")
+    return env
+
+
+def _stream_table(options: argparse.Namespace) -> None:
+    rows = []
+    for count in options.conversations:
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "chat.jsonl"
+            write_corpus(path, count)
+            result = _run("streaming", path, options.tokenizer, options.num_proc, _scratch_env(scratch),
+                          options.streaming)
+            print(f"{count:,} conversations, streaming: {result}", file=sys.stderr, flush=True)
+            rows.append({"conversations": count, "contender": "lightning_ft (streaming)", **result})
+    print(f"{'conversations':>13} {'first batch s':>13} {'batches':>8} {'wall s':>8} {'conv/s':>8} {'RSS MB':>7} "
+          f"{'worker MB':>9}")
+    for row in rows:
+        print(f"{row['conversations']:>13,} {row['first_batch_s']:>13.1f} {row['batches']:>8} {row['seconds']:>8.1f} "
+              f"{row['conversations_per_s']:>8.0f} {row['peak_rss_mb']:>7} {row['worker_peak_rss_mb']:>9}")
     print(json.dumps(rows))
 
 

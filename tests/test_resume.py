@@ -138,3 +138,31 @@ def test_resume_from_model_checkpoint_through_the_cli_matches_uninterrupted_run(
     assert len({round(straight[step], 3) for step in straight}) == 5  # the steps really differ
     for step in resumed:
         assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed", "grouped"])
+def test_streamed_runs_resume_exactly(tiny_model_dir, tmp_path, mode):
+    """Streaming: a two-source mixture through a shuffle buffer; the checkpoint records the next batch's place
+    in the stream, and the resumed run skips the consumed records (crossing into the next epoch too)."""
+    write_varied_chat_file(tmp_path / "a.jsonl", 10)
+    from helpers import write_chat_file as more
+
+    more(tmp_path / "b.jsonl", 6, start=50)
+    from lightning_ft.data.sources import Source
+
+    sources = [Source(str(tmp_path / "a.jsonl"), weight=2), Source(str(tmp_path / "b.jsonl"), weight=1)]
+    settings = {"packing": mode == "packed", "group_by_length": mode == "grouped", "streaming": True,
+                "shuffle_buffer": 4, "sources": sources}
+    lora = lambda: LoRA(r=4, dropout=0.0)  # noqa: E731
+    straight, _ = run(tiny_model_dir, None, tmp_path, lora, max_steps=14, **settings)
+    ckpt = tmp_path / "mid.ckpt"
+    run(tiny_model_dir, None, tmp_path, lora, max_steps=14, interrupt_at=5, save_to=ckpt, **settings)
+    import torch
+
+    state = torch.load(ckpt, weights_only=True)["ChatDataModule"]
+    assert state["stream_batch"] >= 1 and sum(state["examples_per_source"]) == 10  # 5 batches of 2 trained
+    resumed, _ = run(tiny_model_dir, None, tmp_path, lora, max_steps=14, ckpt_path=ckpt, **settings)
+    assert sorted(resumed) == list(range(6, 15))
+    assert len({round(loss, 4) for loss in straight.values()}) > 5  # batches really differ
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step

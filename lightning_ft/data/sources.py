@@ -259,26 +259,35 @@ def _expand(path: str) -> list[str]:
     return [pattern]
 
 
-def _open(source: Source) -> list[tuple[str, Any, str, bool, list[DataProblem]]]:
-    """Every part of a source as ``(label, dataset, unit, holds JSON text, problems)``."""
-    if _is_hub_id(source.path):
-        return [(source.label, _open_hub(source), "row", False, [])]
+def local_parts(source: Source) -> list[tuple[str, str, bool]]:
+    """``(label, path, is a saved dataset)`` of every local file or saved dataset of a source, checked to be one.
+
+    Raises:
+        SourceError: A missing file, an unsupported file type, or a directory no ``save_to_disk`` wrote.
+    """
     parts = []
     for file in _expand(source.path):
         path = Path(file)
         if path.is_dir():
             if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
                 raise SourceError(file, "is a directory but not one written by Dataset.save_to_disk")
-            label = f"{file}[{source.split}]" if source.split else file
-            parts.append((label, _open_saved(path, source), "row", False, []))
+            parts.append((f"{file}[{source.split}]" if source.split else file, file, True))
         elif not path.is_file():
             raise SourceError(file, "file not found")
         elif path.suffix not in SUFFIXES:
             raise SourceError(file, f"unsupported file type {path.suffix!r} (allowed: {', '.join(SUFFIXES)}, "
                               "a saved dataset directory, or a Hub id)")
         else:
-            parts.append((file, *_open_file(file)))
+            parts.append((file, file, False))
     return parts
+
+
+def _open(source: Source) -> list[tuple[str, Any, str, bool, list[DataProblem]]]:
+    """Every part of a source as ``(label, dataset, unit, holds JSON text, problems)``."""
+    if _is_hub_id(source.path):
+        return [(source.label, _open_hub(source), "row", False, [])]
+    return [(label, _open_saved(Path(file), source), "row", False, []) if saved else (file, *_open_file(file))
+            for label, file, saved in local_parts(source)]
 
 
 # -- records -> conversations -------------------------------------------------------------------------
