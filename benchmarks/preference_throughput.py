@@ -1,7 +1,8 @@
 """LoRA DPO throughput: lightning_ft's PreferenceModule against TRL's DPOTrainer, in one run.
 
 Same model (the embedded SmolLM2-135M-Instruct), same LoRA (r=16, alpha=32, all linear layers, no dropout),
-same pairs (examples/preference/train.jsonl), same pairs per step, max length, fp32, DPO sigmoid with
+same pairs (examples/preference/train.jsonl), same pairs per step, max length, precision (fp32, or bf16 autocast
+with ``--bf16`` on both sides), DPO sigmoid with
 beta 0.1, and the reference is the same model with the adapter disabled everywhere. Each contender runs in
 its own process (so peak RSS is its own) and prints one JSON line; the parent prints the table::
 
@@ -62,10 +63,12 @@ def run_lightning_ft(args) -> dict:
         def on_train_batch_end(self, *_):
             meter.end()
 
-    module = PreferenceModule(adapter=LoRA(r=16, alpha=32, dropout=0.0), loss="dpo", beta=0.1, learning_rate=5e-5)
+    module = PreferenceModule(adapter=LoRA(r=16, alpha=32, dropout=0.0), loss="dpo", beta=0.1, learning_rate=5e-5,
+                              validate_at_start=False)
     data = PreferenceDataModule(str(DATA), tokenizer=module.hparams.model_name, batch_size=args.batch_size,
                                 max_length=args.max_length, checks="off")
-    trainer = pl.Trainer(max_steps=args.warmup + args.steps, precision="32-true", logger=False,
+    trainer = pl.Trainer(max_steps=args.warmup + args.steps, precision="bf16-mixed" if args.bf16 else "32-true",
+                         logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=[Timing()])
     trainer.fit(module, data)
@@ -89,7 +92,7 @@ def run_trl(args, variant: str) -> dict:
     config = DPOConfig(
         output_dir=str(Path(args.workdir) / variant), per_device_train_batch_size=args.batch_size,
         max_length=args.max_length, max_steps=args.warmup + args.steps, learning_rate=5e-5, beta=0.1,
-        gradient_checkpointing=variant != "trl_no_checkpointing", bf16=False, fp16=False, use_cpu=True,
+        gradient_checkpointing=variant != "trl_no_checkpointing", bf16=args.bf16, fp16=False, use_cpu=True,
         report_to=[], save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, seed=42)
     trainer = DPOTrainer(model=load_model(DEFAULT_MODEL), args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=load_tokenizer(DEFAULT_MODEL),
@@ -115,6 +118,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=4, help="pairs per step")
     parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (native on AVX512-BF16/AMX)")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench_preference"))
     args = parser.parse_args()
     if args.only:  # a child: one contender, one JSON line
@@ -129,7 +133,8 @@ def main() -> None:
     import torch
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"{args.batch_size} pairs/step, max_length {args.max_length}, {args.steps} timed steps", flush=True)
+          f"{args.batch_size} pairs/step, max_length {args.max_length}, {args.steps} timed steps, "
+          f"{'bf16 autocast' if args.bf16 else 'fp32'}", flush=True)
     results = []
     for contender in CONTENDERS:
         command = [sys.executable, __file__, "--only", contender, *sys.argv[1:]]
