@@ -45,8 +45,9 @@ class ForgettingCheck(pl.Callback):
     extra time per rank. The baseline, history and (for full fine-tuning) the base model's cached
     top-k log-probabilities are in ``state_dict``: a resumed run compares against the original baseline.
 
-    With the defaults (100 items, 4 prompts, scoring at each validation) one check of SmolLM2-135M on
-    2 CPU cores takes about 11 s, as long as two training steps of the quickstart: under 10% of its wall time.
+    A check costs one forward pass per answer choice of the ``max_items`` questions and one per prompt
+    (``max_prompts``), on each rank's shard; the share of wall time it took is logged as
+    ``forgetting/time_share`` and printed at the end. Measured timings are in the README (Forgetting checks).
 
     Example::
 
