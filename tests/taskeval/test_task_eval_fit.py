@@ -100,8 +100,9 @@ def test_summary_table_prints_baseline_and_final(fitted, capsys):
 
 def test_checkpoint_holds_state_and_resume_does_not_remeasure_the_baseline(fitted, tiny_model_dir, tmp_path):
     ckpt = fitted["log_dir"] / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, weights_only=True)["callbacks"]["TaskEval{'name': 'task'}"]
     callback = fitted["callback"]
+    state = torch.load(ckpt, weights_only=True)["callbacks"][callback.state_key]
+    assert callback.state_key == "RecordingTaskEval{'name': 'task'}"  # Lightning's format: class and settings
     assert state == {"baseline": callback.baseline, "validations": 2,
                      "history": [{"step": h.step, "success_rate": h.success_rate} for h in callback.history]}
     resumed = RecordingTaskEval(fitted["test_path"], metric="regex", pattern=PATTERN, max_new_tokens=6, batch_size=4)
