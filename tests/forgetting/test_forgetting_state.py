@@ -28,25 +28,34 @@ def two_checks(tmp_path) -> tuple[ForgettingCheck, ForgettingCheck]:
 def test_two_checks_keep_their_own_state_through_a_checkpoint(tiny_model_dir, tmp_path):
     first, second = two_checks(tmp_path)
     assert first.state_key != second.state_key and first.state_key.startswith("ForgettingCheck{")
-    trainer = fit(lora_module(tiny_model_dir), tmp_path, [first, second], steps=2)
+    trainer = fit(lora_module(tiny_model_dir), tmp_path, [first, second], steps=2, limit_val_batches=0)
     assert [r.step for r in first.history] == [0, 1, 2] and [r.step for r in second.history] == [0, 2]
     trainer.save_checkpoint(tmp_path / "two.ckpt")
     saved = torch.load(tmp_path / "two.ckpt", weights_only=True)["callbacks"]
     assert saved[first.state_key]["history"] == [record.to_dict() for record in first.history]
     again_first, again_second = two_checks(tmp_path)
-    fit(lora_module(tiny_model_dir), tmp_path, [again_first, again_second], steps=2, ckpt_path=tmp_path / "two.ckpt")
+    fit(lora_module(tiny_model_dir), tmp_path, [again_first, again_second], steps=2, ckpt_path=tmp_path / "two.ckpt",
+        limit_val_batches=0)
     assert again_first.history == first.history and again_second.history == second.history
     assert all(isinstance(record, CheckRecord) for record in again_first.history)
 
 
-def test_checkpoint_from_before_state_keys_still_resumes(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def one_check_run(tiny_model_dir, tmp_path_factory):
+    """A check after one step of a fit, and that fit's checkpoint."""
+    tmp_path = tmp_path_factory.mktemp("one_check")
     first, _ = two_checks(tmp_path)
     trainer = fit(lora_module(tiny_model_dir), tmp_path, [first], steps=1)
-    trainer.save_checkpoint(tmp_path / "old.ckpt")
-    checkpoint = torch.load(tmp_path / "old.ckpt", weights_only=True)
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    return first, tmp_path
+
+
+def test_checkpoint_from_before_state_keys_still_resumes(tiny_model_dir, one_check_run, tmp_path):
+    first, saved = one_check_run
+    checkpoint = torch.load(saved / "one.ckpt", weights_only=True)
     checkpoint["callbacks"] = {"ForgettingCheck": checkpoint["callbacks"].pop(first.state_key)}  # the old key
     torch.save(checkpoint, tmp_path / "old.ckpt")
-    resumed, _ = two_checks(tmp_path)
+    resumed, _ = two_checks(saved)
     fit(lora_module(tiny_model_dir), tmp_path, [resumed], steps=1, ckpt_path=tmp_path / "old.ckpt")
     assert resumed.history == first.history
 
@@ -70,10 +79,8 @@ def test_stop_is_decided_by_all_ranks(tiny_model_dir, tmp_path, monkeypatch):
     assert trainer.should_stop
 
 
-def test_changed_settings_on_resume_are_refused_not_silently_remeasured(tiny_model_dir, tmp_path):
-    first, _ = two_checks(tmp_path)
-    trainer = fit(lora_module(tiny_model_dir), tmp_path, [first], steps=1)
-    trainer.save_checkpoint(tmp_path / "one.ckpt")
-    changed = ForgettingCheck(benchmark_path=str(tmp_path / "bench.jsonl"), max_prompts=1, batch_size=8, max_items=2)
+def test_changed_settings_on_resume_are_refused_not_silently_remeasured(tiny_model_dir, one_check_run, tmp_path):
+    _, saved = one_check_run
+    changed = ForgettingCheck(benchmark_path=str(saved / "bench.jsonl"), max_prompts=1, batch_size=8, max_items=2)
     with pytest.raises(ValueError, match="baseline was measured on other benchmark items, prompts"):
-        fit(lora_module(tiny_model_dir), tmp_path, [changed], steps=2, ckpt_path=tmp_path / "one.ckpt")
+        fit(lora_module(tiny_model_dir), tmp_path, [changed], steps=2, ckpt_path=saved / "one.ckpt")
