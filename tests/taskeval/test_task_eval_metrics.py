@@ -129,3 +129,14 @@ def test_state_dict_round_trip(tmp_path):
     second.load_state_dict(state)
     assert (second.baseline, second.history, second._validations) == (0.25, [TaskRecord(10, 0.5)], 3)
     assert second.state_key == "TaskEval{'name': 'qa'}" != TaskEval(path).state_key
+
+
+def test_a_checkpoint_with_the_old_state_key_still_resumes(tmp_path):
+    callback = TaskEval(write_items(tmp_path / "t.jsonl", ["a"]), name="qa")
+    state = {"baseline": 0.25, "history": [{"step": 10, "success_rate": 0.5}], "validations": 3}
+    checkpoint = {"callbacks": {"TaskEval[qa]": state}}  # written before state keys held the settings
+    callback.on_load_checkpoint(None, None, checkpoint)
+    assert checkpoint["callbacks"][callback.state_key] is state  # where Lightning's load_state_dict looks next
+    other = {"callbacks": {"TaskEval[other]": state}}
+    callback.on_load_checkpoint(None, None, other)
+    assert callback.state_key not in other["callbacks"]  # another TaskEval's state is not taken
