@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+from checkpoint_signal import CHECKPOINTED
 from helpers import write_chat_file, write_varied_chat_file
 
 from lightning_ft import ChatDataModule, FineTuneModule, FullFineTune, LoRA
@@ -73,6 +73,7 @@ def test_packed_and_grouped_runs_resume_exactly(tiny_model_dir, tmp_path, mode):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
 
 
+@pytest.mark.slow  # two training processes, one after the other
 def test_sigkilled_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
     root = tmp_path / "runs"
     args = [
@@ -82,19 +83,21 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path
         "--data.batch_size", "2", "--trainer.max_steps", "400", "--trainer.default_root_dir", str(root),
         "--checkpoint.every_n_train_steps", "5", "--progress_bar.refresh_rate", "0",
     ]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 180
-    while not last.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.5)
-    time.sleep(1.0)
+    # The child announces each checkpoint on stdout (tests/checkpoint_signal.py): kill it right after one.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    announce = ["--trainer.callbacks+", "checkpoint_signal.AnnounceCheckpoint"]
+    process = subprocess.Popen(args + announce, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=env)
+    announced = next((line for line in process.stdout if line.startswith(CHECKPOINTED)), None)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert last.exists(), "no checkpoint was written before the kill"
+    process.stdout.close()
+    assert announced is not None, "the run ended without announcing a checkpoint"
+    last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     import torch
 
     step = torch.load(last, weights_only=True)["global_step"]
-    assert 0 < step < 400
+    assert int(announced.split()[1]) <= step < 400  # (a later checkpoint may land before the kill)
     resume = [a if a != "400" else str(step + 3) for a in args] + ["--ckpt_path", str(last)]
     result = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

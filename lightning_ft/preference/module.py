@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch.utils.checkpoint import checkpoint
 
 from peft import PeftConfig
@@ -13,7 +14,7 @@ from peft import PeftConfig
 from lightning_ft.adapters import FullFineTune, LoRA, QLoRA
 from lightning_ft.callbacks.validate_at_start import ValidateAtStart
 from lightning_ft.models import DEFAULT_MODEL, unwrap_peft
-from lightning_ft.module import IGNORE_INDEX, FineTuneModule
+from lightning_ft.module import HPARAMS_IGNORED, IGNORE_INDEX, FineTuneModule
 from lightning_ft.preference.losses import LENGTH_NORMALISED, LOSSES, NEEDS_REFERENCE, LossName, preference_loss
 from lightning_ft.schedules import DecayName
 
@@ -97,8 +98,8 @@ class PreferenceModule(FineTuneModule):
         reference: Where DPO/IPO's reference log-probabilities come from: ``auto`` (adapter disabled, or a
             frozen copy for full fine-tuning), ``copy`` (always a frozen copy) or ``precomputed``.
         learning_rate: Peak learning rate; ``None`` picks the method's default.
-        weight_decay: AdamW weight decay for weight matrices.
-        betas: AdamW betas.
+        weight_decay: Weight decay for weight matrices (never applied to norms and biases).
+        betas: AdamW betas (the default optimizer's).
         warmup_ratio: Fraction of the run spent in linear warmup.
         warmup_steps: Explicit warmup steps.
         decay: Shape after warmup: cosine, linear or constant.
@@ -112,6 +113,8 @@ class PreferenceModule(FineTuneModule):
         compile: Compile each decoder layer with ``torch.compile``.
         validate_at_start: Validate once before the first step (:class:`~lightning_ft.callbacks.ValidateAtStart`),
             so ``val/rewards/*`` start at the untrained model; a resumed run is not validated again.
+        optimizer: The optimizer class (``None``: AdamW), as :class:`~lightning_ft.FineTuneModule`'s.
+        lr_scheduler: A scheduler class stepped every optimizer step (``None``: warmup and decay).
     """
 
     def __init__(
@@ -139,10 +142,13 @@ class PreferenceModule(FineTuneModule):
         logits_chunk_size: int = 1024,
         compile: bool = False,
         validate_at_start: bool = True,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(model_name, adapter, learning_rate, weight_decay, betas, warmup_ratio, warmup_steps, decay,
                          min_lr_ratio, chat_template, dtype, attn_implementation, gradient_checkpointing,
-                         trained_logits_only, logits_chunk_size, 0.0, compile)
+                         trained_logits_only, logits_chunk_size, 0.0, compile, optimizer=optimizer,
+                         lr_scheduler=lr_scheduler)
         problems = []
         if loss not in LOSSES:
             problems.append(f"loss={loss!r} must be one of {', '.join(LOSSES)}")
@@ -160,7 +166,7 @@ class PreferenceModule(FineTuneModule):
             problems.append("prompt-learning adapters are not supported (their virtual tokens shift the scored positions)")
         if problems:
             raise ValueError("Invalid PreferenceModule settings: " + "; ".join(problems))
-        self.save_hyperparameters(ignore=["adapter"])
+        self.save_hyperparameters(ignore=HPARAMS_IGNORED)
         self.hparams["learning_rate"] = self.learning_rate
         self._val_totals: torch.Tensor | None = None
         self._first_step_written = False
