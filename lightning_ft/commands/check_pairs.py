@@ -75,7 +75,8 @@ def build_pair_report(cli: Any, options: Any) -> dict[str, Any] | str:
                     findings.append(Finding("warning", "truncated", pair.source,
                                             f"{side} side has {length} tokens, cut to max_length={data_module.max_length}"))
         stats[name] = split
-    return assemble(findings, options.strict, {"train": data_module.train_path, "val": data_module.val_path},
+    files = {"train": data_module.train_path, "val": data_module.val_path}
+    return assemble(findings, options.strict, {split: getattr(spec, "label", spec) for split, spec in files.items()},
                     data_module.max_length, stats)
 
 

@@ -13,6 +13,7 @@ from lightning_ft.forgetting.benchmark import (
     stratified_sample,
 )
 from lightning_ft.forgetting.drift import DEFAULT_PROMPTS, assistant_kl_sum, build_reference, encode_prompts, read_prompts
+from lightning_ft.forgetting.history import CheckRecord
 from lightning_ft.forgetting.probe import ForgettingProbe
 
 #: The old name of :func:`assistant_kl_sum` (the drift monitor over assistant positions), kept for existing code.
@@ -22,6 +23,7 @@ __all__ = [
     "DEFAULT_BENCHMARK",
     "DEFAULT_PROMPTS",
     "BenchmarkError",
+    "CheckRecord",
     "ForgettingProbe",
     "MCItem",
     "assistant_kl_sum",
