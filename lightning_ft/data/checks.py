@@ -13,7 +13,6 @@ numbers per conversation; near-duplicates are the word 3-gram Jaccard similarity
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -42,6 +41,7 @@ from lightning_ft.data.lint import (
     length_outliers,
     majority,
     prompt_of,
+    response_shape,
     system_of,
     value_counts,
 )
@@ -219,29 +219,6 @@ def shorten(text: str, width: int, flatten: bool = True) -> str:
 
 def _preview(text: str, width: int = 60) -> str:
     return repr(shorten(text, width))
-
-
-def response_shape(text: str) -> tuple[str, tuple[str, ...] | None, str | None]:
-    """Classify an answer: ``(shape, JSON object keys or None, parse error or None)``.
-
-    Shapes: ``JSON object``, ``JSON array``, ``broken JSON`` (starts like JSON, does not parse),
-    ``code block``, ``list`` (every line a bullet or number) and ``text``.
-    """
-    stripped = text.strip()
-    if stripped[:1] in ("{", "["):
-        try:
-            value = json.loads(stripped)
-        except json.JSONDecodeError as error:
-            return "broken JSON", None, f"{error.msg} at column {error.colno}"
-        if isinstance(value, dict):
-            return "JSON object", tuple(value), None
-        return "JSON array", None, None
-    if stripped.startswith("```"):
-        return "code block", None, None
-    lines = [line for line in stripped.splitlines() if line.strip()]
-    if len(lines) >= 2 and all(re.match(r"\s*([-*•]|\d+[.)])\s", line) for line in lines):
-        return "list", None, None
-    return "text", None, None
 
 
 def _odd_ones(values: np.ndarray) -> tuple[Any, int, np.ndarray]:

@@ -15,6 +15,7 @@ import bisect
 import hashlib
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -147,10 +148,31 @@ class Features:
     prompt_bands: np.ndarray | None
 
 
+def response_shape(text: str) -> tuple[str, tuple[str, ...] | None, str | None]:
+    """Classify an answer: ``(shape, JSON object keys or None, parse error or None)``.
+
+    Shapes: ``JSON object``, ``JSON array``, ``broken JSON`` (starts like JSON, does not parse),
+    ``code block``, ``list`` (every line a bullet or number) and ``text``.
+    """
+    stripped = text.strip()
+    if stripped[:1] in ("{", "["):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as error:
+            return "broken JSON", None, f"{error.msg} at column {error.colno}"
+        if isinstance(value, dict):
+            return "JSON object", tuple(value), None
+        return "JSON array", None, None
+    if stripped.startswith("```"):
+        return "code block", None, None
+    lines = [line for line in stripped.splitlines() if line.strip()]
+    if len(lines) >= 2 and all(re.match(r"\s*([-*•]|\d+[.)])\s", line) for line in lines):
+        return "list", None, None
+    return "text", None, None
+
+
 def features(rows: Rows, prompt_bands: bool = False) -> Features:
     """One pass over ``rows``; ``prompt_bands`` also MinHashes the prompts alone (for leakage)."""
-    from lightning_ft.data.checks import response_shape
-
     columns: dict[str, list] = {key: [] for key in Features.__dataclass_fields__}
     for batch in rows.batches():
         prompts, answers = [prompt_of(m) for m in batch], [answer_of(m) for m in batch]
