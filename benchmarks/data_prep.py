@@ -2,17 +2,25 @@
 
 Writes N synthetic multi-turn conversations (system prompt, 3-4 user/assistant turns, ~150 tokens each with
 the default model's tokenizer) to a JSONL file, then runs each contender in a fresh process and reports
-wall time, time per 100k conversations, the ratio to the floor and peak RSS (the main process and the
-largest worker process):
+wall time, time per 100k conversations, the ratio to the floor and peak RSS, measured the same way for every
+contender: the main process (``ru_maxrss``), the largest worker process, and the process tree (main plus
+workers, sampled every 0.2 s; pages shared after fork count once per process):
 
 - ``floor``: the fast tokenizer's batched tokenisation of the same conversations rendered by the chat
   template (rendering not timed): no labels, no checks, no reading.
-- ``lightning_ft``: ``ChatDataModule.setup("fit")`` from the JSONL file (reading, record checks, labels,
-  truncation, the Arrow cache written), on a cold cache; ``lightning_ft (cache hit)`` runs it again.
+- ``lightning_ft``: ``ChatDataModule.setup("fit")`` with its defaults from the JSONL file (reading, record
+  checks, the data checks of ``checks="warn"``, labels, truncation, the Arrow cache written), on a cold cache;
+  ``lightning_ft (cache hit)`` runs it again.
 - ``trl``: ``SFTTrainer``'s dataset preparation of the same file (``load_dataset("json")``, chat template,
   tokenisation), with a tiny model so that only the data counts.
 
+With ``--streaming B``, only ``lightning_ft (streaming)`` runs: ``ChatDataModule(streaming=True)`` set up and
+``B`` training batches of 4 drawn (shuffle buffer of 10,000, packed, ``--num_proc`` DataLoader workers): time to
+the first batch, time for all ``B``, conversations per second after the first batch, and peak RSS, which should
+not grow with the corpus.
+
     python benchmarks/data_prep.py --conversations 100000 --num_proc 2
+    python benchmarks/data_prep.py --conversations 100000 1000000 --streaming 200 --num_proc 2
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +60,37 @@ def _peak_mb() -> tuple[float, float]:
     return own, children
 
 
+def _tree_rss_mb(root: int) -> float:
+    """Resident memory of ``root`` and every process below it (shared pages counted once per process)."""
+    parents, rss = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                parents[int(entry)], rss[int(entry)] = int(fields[1]), int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    return sum(rss.get(pid, 0) for pid in tree) / 2**20
+
+
+class _TreePeak(threading.Thread):
+    """Samples the process tree's resident memory every 0.2 s: worker processes count, at their own peaks."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.done = 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self.peak = max(self.peak, _tree_rss_mb(os.getpid()))
+
+
 def run_floor(path: str, tokenizer_spec: str, _: int) -> dict:
     from lightning_ft.models import load_tokenizer
 
@@ -68,13 +108,15 @@ def run_lightning_ft(path: str, tokenizer_spec: str, num_proc: int) -> dict:
     from lightning_ft.data.datamodule import ChatDataModule
 
     started = time.perf_counter()
-    data = ChatDataModule(path, tokenizer=tokenizer_spec, max_length=2048, num_proc=num_proc, checks="off")
+    # The defaults a user gets (checks="warn": duplicates, leakage and consistency checks included).
+    data = ChatDataModule(path, tokenizer=tokenizer_spec, max_length=2048, num_proc=num_proc)
     data.setup("fit")
     return {"seconds": time.perf_counter() - started, "tokens": data.stats["tokens"]}
 
 
 def run_trl(path: str, tokenizer_spec: str, num_proc: int) -> dict:
     import datasets
+    import pyarrow.compute as pc
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import SFTConfig, SFTTrainer
 
@@ -89,22 +131,49 @@ def run_trl(path: str, tokenizer_spec: str, num_proc: int) -> dict:
         trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train, args=SFTConfig(
             output_dir=output, max_length=2048, dataset_num_proc=num_proc if num_proc > 1 else None,
             report_to=[], packing=False, bf16=False, use_cpu=True))
-        tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+        # Counted from Arrow, as ours is: materialising the column as lists would inflate TRL's peak memory.
+        lengths = pc.list_value_length(trainer.train_dataset.data.column("input_ids"))
+        tokens = pc.sum(lengths).as_py()
     return {"seconds": time.perf_counter() - started, "tokens": tokens}
+
+
+def run_streaming(path: str, tokenizer_spec: str, num_proc: int, batches: int) -> dict:
+    from lightning_ft.data.datamodule import ChatDataModule
+
+    started = time.perf_counter()
+    data = ChatDataModule(path, tokenizer=tokenizer_spec, max_length=2048, streaming=True, packing=True,
+                          num_workers=num_proc if num_proc > 1 else 0)
+    data.setup("fit")
+    tokens, first = 0, None
+    for number, batch in enumerate(data.train_dataloader(), start=1):
+        first = first if first is not None else time.perf_counter() - started
+        tokens += int(batch["token_mask"].sum())
+        if number == batches:
+            break
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "first_batch_s": first, "batches": number, "tokens": tokens,
+            "conversations_per_s": (number - 1) * data.batch_size / max(seconds - first, 1e-9)}  # after the first
 
 
 _CONTENDERS = {"floor": run_floor, "lightning_ft": run_lightning_ft, "trl": run_trl}
 
 
-def _worker(name: str, path: str, tokenizer: str, num_proc: int) -> None:
-    result = _CONTENDERS[name](path, tokenizer, num_proc)
+def _worker(name: str, path: str, tokenizer: str, num_proc: int, batches: int) -> None:
+    sampler = _TreePeak()
+    sampler.start()
+    if name == "streaming":
+        result = run_streaming(path, tokenizer, num_proc, batches)
+    else:
+        result = _CONTENDERS[name](path, tokenizer, num_proc)
+    sampler.done.set()
     own, children = _peak_mb()
-    print(json.dumps({**result, "peak_rss_mb": round(own), "worker_peak_rss_mb": round(children)}))
+    print(json.dumps({**result, "peak_rss_mb": round(own), "worker_peak_rss_mb": round(children),
+                      "tree_peak_rss_mb": round(max(sampler.peak, own))}))
 
 
-def _run(name: str, path: Path, tokenizer: str, num_proc: int, env: dict) -> dict:
+def _run(name: str, path: Path, tokenizer: str, num_proc: int, env: dict, batches: int = 0) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--data", str(path), "--tokenizer", tokenizer,
-               "--num_proc", str(num_proc)]
+               "--num_proc", str(num_proc), "--streaming", str(batches)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -117,24 +186,23 @@ def main() -> None:
     parser.add_argument("--num_proc", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tokenizer", default="smollm2-135m-instruct")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(_CONTENDERS), help="contenders not to run")
+    parser.add_argument("--streaming", type=int, default=0, metavar="B",
+                        help="measure streaming instead: set up and draw B batches")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.worker:
-        _worker(options.worker, options.data, options.tokenizer, options.num_proc)
+        _worker(options.worker, options.data, options.tokenizer, options.num_proc, options.streaming)
+        return
+    if options.streaming:
+        _stream_table(options)
         return
     rows = []
     for count in options.conversations:
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / "chat.jsonl"
             write_corpus(path, count)
-            # A fresh cache for both libraries: the first lightning_ft run is cold, the second a cache hit.
-            env = {**os.environ, "LIGHTNING_FT_CACHE": str(Path(scratch) / "cache"),
-                   "HF_DATASETS_CACHE": str(Path(scratch) / "hf_datasets"), "TOKENIZERS_PARALLELISM": "true"}
-            models = Path(os.environ.get("LIGHTNING_FT_CACHE", Path.home() / ".cache" / "lightning_ft")) / "models"
-            (Path(scratch) / "cache").mkdir()
-            if models.exists():  # the converted default model, so that no contender converts it again
-                os.symlink(models, Path(scratch) / "cache" / "models")
+            env = _scratch_env(scratch)  # the first lightning_ft run is cold, the second a cache hit
             names = [n for n in ("floor", "lightning_ft", "lightning_ft", "trl") if n not in options.skip]
             results = {}
             for name in names:
@@ -147,11 +215,41 @@ def main() -> None:
                              "per_100k_s": result["seconds"] * 100_000 / count,
                              "x_floor": result["seconds"] / floor if floor else None})
     print(f"{'conversations':>13} {'contender':<26} {'tokens':>12} {'wall s':>8} {'s/100k':>8} {'x floor':>8} "
-          f"{'RSS MB':>7} {'worker MB':>9}")
+          f"{'RSS MB':>7} {'worker MB':>9} {'tree MB':>8}")
     for row in rows:
         ratio = f"{row['x_floor']:.2f}" if row["x_floor"] else "-"
         print(f"{row['conversations']:>13,} {row['contender']:<26} {row['tokens']:>12,} {row['seconds']:>8.1f} "
-              f"{row['per_100k_s']:>8.1f} {ratio:>8} {row['peak_rss_mb']:>7} {row['worker_peak_rss_mb']:>9}")
+              f"{row['per_100k_s']:>8.1f} {ratio:>8} {row['peak_rss_mb']:>7} {row['worker_peak_rss_mb']:>9} "
+              f"{row['tree_peak_rss_mb']:>8}")
+    print(json.dumps(rows))
+
+
+def _scratch_env(scratch: str) -> dict:
+    """A fresh cache for every library, with the converted default model linked in (never converted again)."""
+    env = {**os.environ, "LIGHTNING_FT_CACHE": str(Path(scratch) / "cache"),
+           "HF_DATASETS_CACHE": str(Path(scratch) / "hf_datasets"), "TOKENIZERS_PARALLELISM": "true"}
+    models = Path(os.environ.get("LIGHTNING_FT_CACHE", Path.home() / ".cache" / "lightning_ft")) / "models"
+    (Path(scratch) / "cache").mkdir()
+    if models.exists():
+        os.symlink(models, Path(scratch) / "cache" / "models")
+    return env
+
+
+def _stream_table(options: argparse.Namespace) -> None:
+    rows = []
+    for count in options.conversations:
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / "chat.jsonl"
+            write_corpus(path, count)
+            result = _run("streaming", path, options.tokenizer, options.num_proc, _scratch_env(scratch),
+                          options.streaming)
+            print(f"{count:,} conversations, streaming: {result}", file=sys.stderr, flush=True)
+            rows.append({"conversations": count, "contender": "lightning_ft (streaming)", **result})
+    print(f"{'conversations':>13} {'first batch s':>13} {'batches':>8} {'wall s':>8} {'conv/s':>8} {'RSS MB':>7} "
+          f"{'worker MB':>9}")
+    for row in rows:
+        print(f"{row['conversations']:>13,} {row['first_batch_s']:>13.1f} {row['batches']:>8} {row['seconds']:>8.1f} "
+              f"{row['conversations_per_s']:>8.0f} {row['peak_rss_mb']:>7} {row['worker_peak_rss_mb']:>9}")
     print(json.dumps(rows))
 
 

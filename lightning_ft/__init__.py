@@ -23,6 +23,7 @@ _EXPORTS = {
     "Source": "lightning_ft.data.sources",
     "TaskEval": "lightning_ft.callbacks.task_eval",
     "TensorBoardDashboard": "lightning_ft.callbacks.dashboard",
+    "ValidateAtStart": "lightning_ft.callbacks.validate_at_start",
     "encode_conversation": "lightning_ft.data.collate",
     "generate": "lightning_ft.generation",
     "load_for_generation": "lightning_ft.generation",
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from lightning_ft.callbacks import ForgettingCheck, SaveHFModel, TaskEval
     from lightning_ft.callbacks.dashboard import TensorBoardDashboard
     from lightning_ft.callbacks.run_report import RunReport
+    from lightning_ft.callbacks.validate_at_start import ValidateAtStart
     from lightning_ft.data.collate import encode_conversation
     from lightning_ft.data.datamodule import ChatDataModule
     from lightning_ft.data.sources import Source

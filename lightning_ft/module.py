@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Iterator
@@ -11,8 +12,8 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
-from torch.optim.lr_scheduler import LambdaLR
 
 from peft import PeftConfig
 
@@ -24,23 +25,22 @@ from lightning_ft.attention import PER_SEQUENCE_SDPA, full_attention_only, regis
 from lightning_ft.losses import chunk_cross_entropy, chunk_kl, chunked_sum, kl_sum, packing_is_exact
 from lightning_ft.models import (DEFAULT_MODEL, base_fingerprint, decoder_layers, enable_checkpointing, load_model,
                                  load_tokenizer, unwrap_peft)
-from lightning_ft.schedules import DecayName, lr_lambda, warmup_steps_for
+from lightning_ft.optim import (ADAMW_SETTINGS, SCHEDULE_SETTINGS, build_optimizer, build_scheduler, param_groups,
+                                settings_problems)
+from lightning_ft.schedules import DecayName
 
 IGNORE_INDEX = -100
 #: Peak learning rates that work for each method, and the level above which forgetting is likely.
 DEFAULT_LR = {"lora": 2e-4, "peft": 2e-4, "full": 1e-5}
 DESTRUCTIVE_LR = {"lora": 1e-3, "peft": 1e-2, "full": 1e-4}
+#: Constructor arguments kept out of ``hparams`` (see ``__init__``).
+HPARAMS_IGNORED = ["adapter", "optimizer", "lr_scheduler"]
 
 
 def _real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Bool mask of real (non-pad) tokens: padded batches carry an attention mask, packed ones a token mask."""
     mask = batch.get("attention_mask", batch.get("token_mask"))
     return torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
-
-
-def _no_decay(name: str, param: torch.Tensor) -> bool:
-    # Weight decay pulls weights to zero: right for matrices, wrong for norms' gains and biases.
-    return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
 
 
 class FineTuneModule(pl.LightningModule):
@@ -61,8 +61,8 @@ class FineTuneModule(pl.LightningModule):
         adapter: What trains: ``LoRA(...)``, ``QLoRA(...)``, ``FullFineTune(...)``, or any ``peft`` config
             (e.g. ``peft.IA3Config``), passed through unchanged. ``None`` means ``LoRA()``.
         learning_rate: Peak learning rate. ``None`` picks the method's default (LoRA 2e-4, full 1e-5).
-        weight_decay: AdamW weight decay for weight matrices (never applied to norms and biases).
-        betas: AdamW betas.
+        weight_decay: Weight decay for weight matrices (never applied to norms and biases).
+        betas: AdamW betas (the default optimizer's; with ``optimizer`` set, give them in its ``init_args``).
         warmup_ratio: Fraction of the run spent in linear warmup (ignored when ``warmup_steps`` is set).
         warmup_steps: Explicit warmup steps.
         decay: Shape after warmup: cosine, linear or constant.
@@ -87,6 +87,12 @@ class FineTuneModule(pl.LightningModule):
         compile: Compile each decoder layer with ``torch.compile`` (in place: checkpoints and exports are
             unchanged). Faster steps once compiled; the first steps (and each new sequence length until
             shapes turn dynamic) pay the compilation, so it is off by default.
+        optimizer: The optimizer class, e.g. ``torch.optim.SGD`` or ``bitsandbytes.optim.AdamW8bit`` (in YAML
+            ``class_path`` and ``init_args``); ``None`` is AdamW with ``betas``. It receives two parameter
+            groups carrying ``learning_rate`` and ``weight_decay`` (none for norms and biases): set those
+            here, not in its ``init_args``.
+        lr_scheduler: A scheduler class stepped every optimizer step, e.g.
+            ``torch.optim.lr_scheduler.ConstantLR``; ``None`` is the warmup and decay above.
     """
 
     def __init__(
@@ -108,6 +114,8 @@ class FineTuneModule(pl.LightningModule):
         logits_chunk_size: int = 1024,
         kl_beta: float = 0.0,
         compile: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         if adapter is None:
@@ -138,8 +146,11 @@ class FineTuneModule(pl.LightningModule):
                             "tokens, so positions do not line up with the base model's)")
         if decay not in ("cosine", "linear", "constant"):
             problems.append(f"decay={decay!r} must be one of cosine, linear, constant")
+        settings = dict(betas=betas, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps, decay=decay,
+                        min_lr_ratio=min_lr_ratio)
+        problems += settings_problems(optimizer, lr_scheduler, settings, self._signature_defaults())
         if problems:
-            raise ValueError("Invalid FineTuneModule settings: " + "; ".join(problems))
+            raise ValueError(f"Invalid {type(self).__name__} settings: " + "; ".join(problems))
         if lr > DESTRUCTIVE_LR[method]:
             rank_zero_warn(
                 f"learning_rate={lr:g} is high for {method} fine-tuning (default {DEFAULT_LR[method]:g}, "
@@ -147,9 +158,11 @@ class FineTuneModule(pl.LightningModule):
                 "base model knew. Add a ForgettingCheck callback to measure it."
             )
         self.learning_rate = lr
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         # The adapter object stays out of hparams (LightningCLI re-parses them on --ckpt_path); its spec is
-        # saved under checkpoint["lightning_ft"]["adapter"] instead.
-        self.save_hyperparameters(ignore=["adapter"])
+        # saved under checkpoint["lightning_ft"]["adapter"] instead. The optimizer and scheduler callables
+        # are no plain data either (a weights_only load refuses them): the run's config.yaml records them.
+        self.save_hyperparameters(ignore=HPARAMS_IGNORED)
         self.hparams["learning_rate"] = lr
         self.model: torch.nn.Module | None = None
         self._tokenizer = None
@@ -163,6 +176,11 @@ class FineTuneModule(pl.LightningModule):
         # dict, the optimizer and the parameter count.
         self._reference: list[torch.nn.Module] = []
         self._packing_exact: bool | None = None
+
+    @classmethod
+    def _signature_defaults(cls) -> dict[str, Any]:
+        parameters = inspect.signature(cls.__init__).parameters
+        return {key: parameters[key].default for key in ADAMW_SETTINGS + SCHEDULE_SETTINGS}
 
     # -- model ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -409,21 +427,15 @@ class FineTuneModule(pl.LightningModule):
         return [] if any(isinstance(c, NonFiniteGuard) for c in self.trainer.callbacks) else [NonFiniteGuard()]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                (no_decay if _no_decay(name, param) else decay).append(param)
-        if not decay and not no_decay:
-            raise ValueError("No trainable parameters: the adapter froze the whole model.")
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=tuple(self.hparams.betas))
+        """``optimizer`` (AdamW by default) over matrices with weight decay and norms and biases without, at
+        ``learning_rate``; ``lr_scheduler`` (warmup and decay by default) stepped every optimizer step."""
+        hparams = self.hparams
+        groups = param_groups(self.named_parameters(), self.learning_rate, hparams.weight_decay)
+        optimizer = build_optimizer(groups, self.optimizer, hparams.betas)
         total = max(1, int(min(self.trainer.estimated_stepping_batches, 10**9)))
-        warmup = warmup_steps_for(total, self.hparams.warmup_steps, self.hparams.warmup_ratio)
-        schedule = lr_lambda(total, warmup, self.hparams.decay, self.hparams.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+        schedule = build_scheduler(optimizer, self.lr_scheduler, total, hparams.warmup_steps, hparams.warmup_ratio,
+                                   hparams.decay, hparams.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # -- checkpoints and export ----------------------------------------------------------------------
     def _trainable_keys(self) -> set[str]:

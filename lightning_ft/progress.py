@@ -34,7 +34,8 @@ def format_duration(seconds: float) -> str:
 
 
 class PlainProgressBar(ProgressBar):
-    """Training progress as one plain line every ``every_n_steps`` optimizer steps, plus one per validation.
+    """Training progress as one plain line after the first optimizer step and every ``every_n_steps`` after it,
+    plus one per validation.
 
     ``step 20/80 (25%) | loss 1.412 | lr 1.95e-04 | 118 tokens/s | ETA 7m 31s``: the loss is the last logged
     ``train/loss`` (or ``loss``), the learning rate that of the first optimizer's first group, tokens/s the
@@ -75,7 +76,8 @@ class PlainProgressBar(ProgressBar):
                            batch_idx: int) -> None:
         step, every = trainer.global_step, self.every_n_steps or trainer.log_every_n_steps or 1
         total = self._total(trainer)
-        if not self._enabled or step == self._last[0] or (step % every and step != total):
+        first = step == self._first_step + 1  # the run's first step: the loss every later line is compared with
+        if not self._enabled or step == self._last[0] or (step % every and step != total and not first):
             return
         say(self.train_line(trainer, step, total))
 

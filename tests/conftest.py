@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,23 @@ def tiny_model_dir(tmp_path_factory) -> str:
     model.save_pretrained(target, safe_serialization=True)
     AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR).save_pretrained(target)
     return str(target)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fresh_data_cache(tmp_path_factory) -> Iterator[Path]:
+    """A new ``$LIGHTNING_FT_CACHE`` for the session (subprocesses inherit it), so encoded data and read
+    datasets left by an earlier run cannot hide a regression. Converted models (the embedded default is
+    hundreds of MB) stay shared: ``models`` links to the real cache's."""
+    from lightning_ft.models import cache_dir
+
+    shared_models = cache_dir() / "models"
+    shared_models.mkdir(parents=True, exist_ok=True)
+    fresh = tmp_path_factory.mktemp("lightning_ft_cache")
+    (fresh / "models").symlink_to(shared_models, target_is_directory=True)
+    saved = os.environ.get("LIGHTNING_FT_CACHE")
+    os.environ["LIGHTNING_FT_CACHE"] = str(fresh)
+    yield fresh
+    if saved is None:
+        os.environ.pop("LIGHTNING_FT_CACHE", None)
+    else:
+        os.environ["LIGHTNING_FT_CACHE"] = saved

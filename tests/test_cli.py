@@ -92,6 +92,7 @@ def test_bad_data_stops_fit_before_anything_is_written(tiny_model_dir, tmp_path)
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # two processes, each importing torch and Lightning
 def test_console_script_and_module_entry_point_answer_help():
     for command in (["lightning_ft"], [sys.executable, "-m", "lightning_ft"]):
         result = subprocess.run([*command, "fit", "--help"], capture_output=True, text=True, timeout=120,
@@ -100,6 +101,7 @@ def test_console_script_and_module_entry_point_answer_help():
         assert "--model.model_name" in result.stdout and "--data.train_path" in result.stdout
 
 
+@pytest.mark.slow  # two training processes
 def test_ddp_on_two_cpu_processes_trains_and_exports_once(tiny_model_dir, tmp_path):
     root = tmp_path / "runs"
     command = [

@@ -82,6 +82,7 @@ def test_fit_logged_to_a_file_explains_itself_and_writes_the_dashboard(tiny_mode
     assert start.hparams["method"].string_value == "LoRA" and start.hparams["rank"].number_value == 16
 
 
+@pytest.mark.slow  # three CLI processes
 def test_bad_data_prints_the_message_alone_and_debug_shows_the_traceback(tiny_model_dir, tmp_path):
     args = tiny_args(tiny_model_dir, tmp_path)
     bad = tmp_path / "bad.jsonl"
@@ -97,6 +98,7 @@ def test_bad_data_prints_the_message_alone_and_debug_shows_the_traceback(tiny_mo
     assert "Traceback" in by_env.stderr
 
 
+@pytest.mark.slow  # two CLI processes
 def test_missing_model_and_bad_value_are_one_line(tmp_path):
     missing = _command(["fit", "--config", "configs/quickstart.yaml", "--model.model_name", "./no/such/model",
                         "--trainer.default_root_dir", str(tmp_path)], tmp_path / "out.log")

@@ -189,6 +189,7 @@ def test_trained_positions_only_loss_equals_full_logits_loss_and_gradients(tiny_
             torch.testing.assert_close(grads[name], reference[2][name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_layers_give_the_same_loss_and_state_dict_keys(tiny_model_dir, tmp_path):
     data = ChatDataModule(write_chat_file(tmp_path / "c.jsonl", 4), tokenizer=tiny_model_dir, batch_size=4)
     data.setup("fit")

@@ -120,15 +120,14 @@ def test_kl_beta_is_validated(tiny_model_dir):
         FineTuneModule(tiny_model_dir, kl_beta=-1.0)
 
 
-def _drift_after_training(tiny_model_dir, tmp_path, kl_beta, replay_ratio=0.0):
+def _drift_after_training(tiny_model_dir, tmp_path, kl_beta):
     pl.seed_everything(0)
     module = FineTuneModule(tiny_model_dir, adapter=FullFineTune(), learning_rate=3e-3, kl_beta=kl_beta,
                             warmup_steps=0, decay="constant")
-    data = ChatDataModule(write_chat_file(tmp_path / "train.jsonl", 16), tokenizer=tiny_model_dir, batch_size=4,
-                          replay_ratio=replay_ratio)
+    data = ChatDataModule(write_chat_file(tmp_path / "train.jsonl", 16), tokenizer=tiny_model_dir, batch_size=4)
     trainer = pl.Trainer(max_steps=12, accelerator="cpu", devices=1, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                         logger=pl.loggers.CSVLogger(tmp_path, name=f"kl{kl_beta}-replay{replay_ratio}"),
+                         logger=pl.loggers.CSVLogger(tmp_path, name=f"kl{kl_beta}"),
                          log_every_n_steps=1)
     trainer.fit(module, data)
     batch = _batch(tiny_model_dir, tmp_path)
@@ -147,9 +146,22 @@ def test_the_kl_penalty_holds_the_model_nearer_the_base(tiny_model_dir, tmp_path
     assert held < 0.5 * free
 
 
-def test_replay_share_is_logged(tiny_model_dir, tmp_path):
-    _, metrics = _drift_after_training(tiny_model_dir, tmp_path, kl_beta=0.0, replay_ratio=0.5)
-    assert 0.0 < metrics["train/replay_share"].item() <= 1.0
+def test_replay_share_is_the_ratio_of_conversations_and_logged_per_trained_token(tiny_model_dir, tmp_path):
+    data = ChatDataModule(write_chat_file(tmp_path / "train.jsonl", 16), tokenizer=tiny_model_dir, batch_size=4,
+                          replay_ratio=0.5, packing=False, group_by_length=False)
+    data.setup("fit")
+    batches = list(data.train_dataloader())
+    replayed = [bool(row.any()) for batch in batches for row in batch["replay_tokens"]]
+    assert len(replayed) == 32 and sum(replayed) == data.replay_per_epoch() == 16  # ratio 0.5: one per task one
+    module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4))
+    module.configure_model()
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
+    batch = next(b for b in batches if 0 < int(b["replay_tokens"].any(dim=1).sum()) < len(b["input_ids"]))
+    trained = batch["labels"][:, 1:] != -100
+    expected = (trained & batch["replay_tokens"][:, 1:]).sum().item() / trained.sum().item()
+    module.training_step(batch, 0)
+    assert 0.0 < expected < 1.0 and logged["train/replay_share"] == pytest.approx(expected)
 
 
 def test_kl_sum_matches_kl_div_definition():

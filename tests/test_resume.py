@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+from checkpoint_signal import CHECKPOINTED
 from helpers import write_chat_file, write_varied_chat_file
 
 from lightning_ft import ChatDataModule, FineTuneModule, FullFineTune, LoRA
@@ -73,6 +73,7 @@ def test_packed_and_grouped_runs_resume_exactly(tiny_model_dir, tmp_path, mode):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step
 
 
+@pytest.mark.slow  # two training processes, one after the other
 def test_sigkilled_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
     root = tmp_path / "runs"
     args = [
@@ -82,19 +83,21 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path
         "--data.batch_size", "2", "--trainer.max_steps", "400", "--trainer.default_root_dir", str(root),
         "--checkpoint.every_n_train_steps", "5", "--progress_bar.refresh_rate", "0",
     ]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 180
-    while not last.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.5)
-    time.sleep(1.0)
+    # The child announces each checkpoint on stdout (tests/checkpoint_signal.py): kill it right after one.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    announce = ["--trainer.callbacks+", "checkpoint_signal.AnnounceCheckpoint"]
+    process = subprocess.Popen(args + announce, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=env)
+    announced = next((line for line in process.stdout if line.startswith(CHECKPOINTED)), None)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert last.exists(), "no checkpoint was written before the kill"
+    process.stdout.close()
+    assert announced is not None, "the run ended without announcing a checkpoint"
+    last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     import torch
 
     step = torch.load(last, weights_only=True)["global_step"]
-    assert 0 < step < 400
+    assert int(announced.split()[1]) <= step < 400  # (a later checkpoint may land before the kill)
     resume = [a if a != "400" else str(step + 3) for a in args] + ["--ckpt_path", str(last)]
     result = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -138,3 +141,31 @@ def test_resume_from_model_checkpoint_through_the_cli_matches_uninterrupted_run(
     assert len({round(straight[step], 3) for step in straight}) == 5  # the steps really differ
     for step in resumed:
         assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed", "grouped"])
+def test_streamed_runs_resume_exactly(tiny_model_dir, tmp_path, mode):
+    """Streaming: a two-source mixture through a shuffle buffer; the checkpoint records the next batch's place
+    in the stream, and the resumed run skips the consumed records (crossing into the next epoch too)."""
+    write_varied_chat_file(tmp_path / "a.jsonl", 10)
+    from helpers import write_chat_file as more
+
+    more(tmp_path / "b.jsonl", 6, start=50)
+    from lightning_ft.data.sources import Source
+
+    sources = [Source(str(tmp_path / "a.jsonl"), weight=2), Source(str(tmp_path / "b.jsonl"), weight=1)]
+    settings = {"packing": mode == "packed", "group_by_length": mode == "grouped", "streaming": True,
+                "shuffle_buffer": 4, "sources": sources}
+    lora = lambda: LoRA(r=4, dropout=0.0)  # noqa: E731
+    straight, _ = run(tiny_model_dir, None, tmp_path, lora, max_steps=14, **settings)
+    ckpt = tmp_path / "mid.ckpt"
+    run(tiny_model_dir, None, tmp_path, lora, max_steps=14, interrupt_at=5, save_to=ckpt, **settings)
+    import torch
+
+    state = torch.load(ckpt, weights_only=True)["ChatDataModule"]
+    assert state["stream_batch"] >= 1 and sum(state["examples_per_source"]) == 10  # 5 batches of 2 trained
+    resumed, _ = run(tiny_model_dir, None, tmp_path, lora, max_steps=14, ckpt_path=ckpt, **settings)
+    assert sorted(resumed) == list(range(6, 15))
+    assert len({round(loss, 4) for loss in straight.values()}) > 5  # batches really differ
+    for step in resumed:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-4), step

@@ -55,7 +55,7 @@ def test_a_run_that_fails_before_writing_gives_its_directory_back(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow  # two CLI processes: about a minute on 2 CPU cores
+@pytest.mark.slow  # two CLI processes, each importing torch and Lightning
 def test_two_concurrent_fits_in_one_root_get_distinct_versions(tiny_model_dir, tmp_path):
     root = tmp_path / "runs"
     args = [sys.executable, "-m", "lightning_ft", "fit", "--config", str(ROOT / "configs/quickstart.yaml"),

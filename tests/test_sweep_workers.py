@@ -1,6 +1,6 @@
 """Real worker processes sharing one study: a four-trial grid run once each by two workers, and a worker
 killed mid-trial whose trial a restarted worker retries. Slow: every trial process imports torch and
-Lightning (about 20 s on 2 shared CPU cores)."""
+Lightning."""
 
 from __future__ import annotations
 

@@ -23,11 +23,15 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from lightning_ft.callbacks.cost import CostMeter
+from lightning_ft.callbacks.model_access import hf_model, hf_tokenizer
 from lightning_ft.forgetting.benchmark import read_benchmark, stratified_sample
 from lightning_ft.forgetting.drift import read_prompts
+from lightning_ft.forgetting.history import CheckRecord
 from lightning_ft.forgetting.lm_eval import require_lm_eval
 from lightning_ft.forgetting.probe import ForgettingProbe
 from lightning_ft.forgetting.report import print_summary
@@ -44,9 +48,11 @@ class ForgettingCheck(pl.Callback):
     ``pl_module.<model_attr>``. Each rank scores a shard and the results are summed, so DDP costs no
     extra time per rank. The baseline, history and (for full fine-tuning) the base model's cached
     top-k log-probabilities are in ``state_dict``: a resumed run compares against the original baseline.
+    Its :attr:`state_key` names what it measures, so several checks in one Trainer keep their own state.
 
-    With the defaults (100 items, 4 prompts, scoring at each validation) one check of SmolLM2-135M on
-    2 CPU cores takes about 11 s, as long as two training steps of the quickstart: under 10% of its wall time.
+    A check costs one forward pass per answer choice of the ``max_items`` questions and one per prompt
+    (``max_prompts``), on each rank's shard; the share of wall time it took is logged as
+    ``forgetting/time_share`` and printed at the end. Measured timings are in the README (Forgetting checks).
 
     Example::
 
@@ -143,16 +149,25 @@ class ForgettingCheck(pl.Callback):
         self.every_n_steps, self.at_validation, self.metric = every_n_steps, at_validation, metric
         self.max_accuracy_drop, self.max_kl, self.action = max_accuracy_drop, max_kl, action
         self.model_attr, self.tokenizer, self.summary = model_attr, tokenizer, summary
-        #: Every check as ``{"step", "metrics", "ok", "seconds"}``; the first is the baseline.
-        self.history: list[dict[str, Any]] = []
+        self._key = self._generate_state_key(
+            benchmark_path=benchmark_path, max_items=max_items, prompts_path=prompts_path, max_prompts=max_prompts,
+            seed=seed, lm_eval_tasks=lm_eval_tasks, every_n_steps=every_n_steps, at_validation=at_validation)
+        #: Every check, the baseline first.
+        self.history: list[CheckRecord] = []
         self._cost = CostMeter()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._key
 
     @property
     def baseline(self) -> dict[str, float] | None:
         """The untouched model's metrics (``None`` before training starts)."""
-        return self.history[0]["metrics"] if self.history else None
+        return self.history[0].metrics if self.history else None
 
     # -- hooks ---------------------------------------------------------------------------------------
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._cost.start()
         model = self._model(pl_module)
@@ -172,49 +187,39 @@ class ForgettingCheck(pl.Callback):
             self.probe.cache_reference(model)
         self._check(trainer, pl_module)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self.history[-1]["step"]:
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self.history[-1].step:
             self._check(trainer, pl_module)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.at_validation or trainer.sanity_checking or trainer.state.fn != "fit" or not self.history:
+        if (not self.at_validation or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING
+                or not self.history):
             return
-        if self.history[-1]["step"] == trainer.global_step:
+        if self.history[-1].step == trainer.global_step:
             self._publish(trainer, self.history[-1])  # already measured at this step: make it visible again
         else:
             self._check(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.history and self.history[-1]["step"] != trainer.global_step:
+        if self.history and self.history[-1].step != trainer.global_step:
             self._check(trainer, pl_module)  # the summary's "final" is the model as training left it
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.summary and self.history and trainer.is_global_zero:
             print_summary(self.history, self.metric, self._cost.share())
 
     # -- checking ------------------------------------------------------------------------------------
     def _model(self, pl_module: pl.LightningModule) -> torch.nn.Module:
-        model = getattr(pl_module, self.model_attr, None) if self.model_attr else pl_module
-        if not isinstance(model, torch.nn.Module):
-            raise ValueError(
-                f"ForgettingCheck needs the Hugging Face model at `pl_module.{self.model_attr}`, but "
-                f"{type(pl_module).__name__} has {type(model).__name__} there: set `model_attr` to the "
-                "attribute holding it (it must be loaded by the time training starts)."
-            )
-        return model
+        return hf_model(pl_module, self.model_attr, "ForgettingCheck")
 
     def _tokenizer(self, pl_module: pl.LightningModule) -> Any:
-        if self.tokenizer is not None:
-            from lightning_ft.models import load_tokenizer
-
-            return load_tokenizer(self.tokenizer)
-        tokenizer = getattr(pl_module, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError(f"ForgettingCheck found no `tokenizer` on {type(pl_module).__name__}: pass "
-                             "`tokenizer=` a model spec (hub id or local directory) to load it from.")
-        return tokenizer
+        return hf_tokenizer(pl_module, self.tokenizer, "ForgettingCheck")
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure, record, publish and act: on every rank, which all enter the same collectives."""
@@ -224,14 +229,19 @@ class ForgettingCheck(pl.Callback):
                 reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"),
                 broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0),
             )
-        seconds = timed["seconds"]
         failures = self._failures(metrics) if self.history else []
-        record = {"step": trainer.global_step, "metrics": metrics, "ok": not failures, "seconds": seconds}
+        record = CheckRecord(trainer.global_step, metrics, ok=not failures, seconds=timed["seconds"])
         self.history.append(record)
         self._publish(trainer, record)
         self._report(record)
         if failures:
-            self._act(trainer, record, failures)
+            self._warn(trainer, record, failures)
+        # Every rank decides together (the metrics are already reduced, but a rank's stop must be all ranks').
+        stop = bool(failures) and self.action in ("stop", "both")
+        if trainer.strategy.reduce_boolean_decision(stop, all=False):
+            trainer.should_stop = True
+            rank_zero_info(f"Stopping training at step {record.step}: a forgetting threshold was crossed "
+                           f"(ForgettingCheck action={self.action!r}).")
 
     def _failures(self, metrics: dict[str, float]) -> list[str]:
         failures, baseline = [], self.baseline
@@ -244,20 +254,20 @@ class ForgettingCheck(pl.Callback):
             failures.append(f"KL from the base model is {metrics['kl']:.4g}, above max_kl={self.max_kl}")
         return failures
 
-    def _score(self, record: dict[str, Any]) -> float:
-        metrics = record["metrics"]
+    def _score(self, record: CheckRecord) -> float:
+        metrics = record.metrics
         if self.metric in metrics:
-            return metrics[self.metric] - (0.0 if record["ok"] else 2.0)
-        return -metrics.get("kl", 0.0) - (0.0 if record["ok"] else 1.0)
+            return metrics[self.metric] - (0.0 if record.ok else 2.0)
+        return -metrics.get("kl", 0.0) - (0.0 if record.ok else 1.0)
 
-    def _publish(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
+    def _publish(self, trainer: pl.Trainer, record: CheckRecord) -> None:
         """To every logger at the global step, and to ``callback_metrics`` for ModelCheckpoint/EarlyStopping."""
-        values = {f"forgetting/{key}": value for key, value in record["metrics"].items()}
-        for key, value in record["metrics"].items():
+        values = {f"forgetting/{key}": value for key, value in record.metrics.items()}
+        for key, value in record.metrics.items():
             if key != "kl" and not key.startswith("subject/"):
                 values[f"forgetting/{key}_delta"] = value - self.baseline.get(key, value)
-        values.update({"forgetting/ok": float(record["ok"]), "forgetting/score": self._score(record),
-                       "forgetting/seconds": record["seconds"]})
+        values.update({"forgetting/ok": float(record.ok), "forgetting/score": self._score(record),
+                       "forgetting/seconds": record.seconds})
         values.update(self._reference_lines())
         if len(self.history) > 1:
             values["forgetting/time_share"] = self._cost.share()
@@ -278,8 +288,8 @@ class ForgettingCheck(pl.Callback):
             lines["forgetting/kl_alarm"] = self.max_kl
         return lines
 
-    def _report(self, record: dict[str, Any]) -> None:
-        metrics, parts = record["metrics"], []
+    def _report(self, record: CheckRecord) -> None:
+        metrics, parts = record.metrics, []
         for key in [self.metric] + sorted(key for key in metrics if key.startswith("lm_eval/")):
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:.3f} ({metrics[key] - self.baseline[key]:+.3f})")
@@ -287,26 +297,38 @@ class ForgettingCheck(pl.Callback):
             parts.append(f"KL {metrics['kl']:.4g}")
         share = f", {self._cost.share():.1%} of wall time so far" if len(self.history) > 1 else ""
         label = "baseline" if len(self.history) == 1 else "check"
-        rank_zero_info(f"Forgetting {label} at step {record['step']}: {', '.join(parts)}; "
-                       f"{record['seconds']:.1f} s{share}")
+        rank_zero_info(f"Forgetting {label} at step {record.step}: {', '.join(parts)}; "
+                       f"{record.seconds:.1f} s{share}")
 
-    def _act(self, trainer: pl.Trainer, record: dict[str, Any], failures: list[str]) -> None:
-        message = f"FORGETTING at step {record['step']}: " + "; ".join(failures)
+    def _warn(self, trainer: pl.Trainer, record: CheckRecord, failures: list[str]) -> None:
+        message = f"FORGETTING at step {record.step}: " + "; ".join(failures)
         if self.action in ("warn", "both"):
             rank_zero_warn(message)
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
                     if isinstance(logger, TensorBoardLogger):
-                        logger.experiment.add_text("forgetting/alert", message, record["step"])
-        if self.action in ("stop", "both"):
-            trainer.should_stop = True
-            rank_zero_info(f"{message}. Stopping training (ForgettingCheck action={self.action!r}).")
+                        logger.experiment.add_text("forgetting/alert", message, record.step)
+        else:
+            rank_zero_info(message)
 
     # -- state ---------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"fingerprint": self.probe.fingerprint, "history": [dict(record) for record in self.history],
+        return {"fingerprint": self.probe.fingerprint, "history": [record.to_dict() for record in self.history],
                 "reference": self.probe.reference}
 
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """One check then and one now, under another key (a checkpoint from before state keys, or changed
+        settings): hand that state to :meth:`load_state_dict`, which refuses it if it measured other data."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        saved = [key for key in states if isinstance(key, str) and key.startswith(type(self).__qualname__)]
+        if len(saved) == 1 and sum(isinstance(cb, ForgettingCheck) for cb in trainer.callbacks) == 1:
+            states[self.state_key] = states[saved[0]]  # Lightning calls load_state_dict with it next
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("fingerprint") != self.probe.fingerprint:
             raise ValueError(
@@ -314,5 +336,5 @@ class ForgettingCheck(pl.Callback):
                 "lm-eval tasks than this callback's. Resume with the same benchmark_path, max_items, prompts_path, "
                 "max_prompts, seed, top_k and lm_eval settings, or start a new run."
             )
-        self.history = [dict(record) for record in state_dict["history"]]
+        self.history = [CheckRecord.from_dict(record) for record in state_dict["history"]]
         self.probe.reference = state_dict.get("reference")

@@ -5,140 +5,22 @@ from __future__ import annotations
 import json
 import re
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
+from typing_extensions import override
 
 from lightning_ft.callbacks.cost import CostMeter
+from lightning_ft.callbacks.model_access import hf_model, hf_tokenizer
 from lightning_ft.data.sources import read_conversations_from
 from lightning_ft.generation import generate
-
-Metric = Literal["exact", "regex", "json", "contains"]
-_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-_BUILTIN_KEYWORDS = {"type", "enum", "const", "required", "properties", "additionalProperties", "items",
-                     "minLength", "maxLength", "minimum", "maximum", "pattern", "$schema", "$id", "title",
-                     "description"}
-
-
-def _is_type(value: Any, name: str) -> bool:
-    if name == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if name == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, _TYPES[name])
-
-
-def builtin_schema_errors(value: Any, schema: dict[str, Any], where: str = "$") -> list[str]:
-    """A small JSON Schema subset (type, enum, const, required, properties, additionalProperties, items,
-    string lengths, numeric bounds, pattern), used when the ``jsonschema`` package is not installed."""
-    errors = []
-    types = schema.get("type")
-    if types is not None and not any(_is_type(value, t) for t in ([types] if isinstance(types, str) else types)):
-        return [f"{where} is not of type {types}"]
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{where}={json.dumps(value)} is not one of {schema['enum']}")
-    if "const" in schema and value != schema["const"]:
-        errors.append(f"{where} is not {json.dumps(schema['const'])}")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", float("inf")):
-            errors.append(f"{where} has a length outside [{schema.get('minLength', 0)}, {schema.get('maxLength')}]")
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            errors.append(f"{where} does not match {schema['pattern']!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < schema.get("minimum", float("-inf")) or value > schema.get("maximum", float("inf")):
-            errors.append(f"{where} is out of range")
-    if isinstance(value, dict):
-        properties = schema.get("properties", {})
-        errors += [f"{where} misses key {key!r}" for key in schema.get("required", []) if key not in value]
-        for key, item in value.items():
-            if key in properties:
-                errors += builtin_schema_errors(item, properties[key], f"{where}.{key}")
-            elif schema.get("additionalProperties") is False:
-                errors.append(f"{where} has unexpected key {key!r}")
-            elif isinstance(schema.get("additionalProperties"), dict):
-                errors += builtin_schema_errors(item, schema["additionalProperties"], f"{where}.{key}")
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for index, item in enumerate(value):
-            errors += builtin_schema_errors(item, schema["items"], f"{where}[{index}]")
-    return errors
-
-
-def _unsupported_keywords(schema: Any) -> set[str]:
-    """Keywords (and ``type`` values) of a schema that :func:`builtin_schema_errors` cannot check."""
-    if not isinstance(schema, dict):
-        return set()
-    found = set(schema) - _BUILTIN_KEYWORDS
-    types = schema.get("type", [])
-    found |= {f"type={t!r}" for t in ([types] if not isinstance(types, list) else types)
-              if t not in (*_TYPES, "integer", "number")}
-    for child in schema.get("properties", {}).values():
-        found |= _unsupported_keywords(child)
-    for key in ("items", "additionalProperties"):
-        found |= _unsupported_keywords(schema.get(key))
-    return found
-
-
-def schema_checker(schema: dict[str, Any]):
-    """``value -> list of errors`` for a JSON schema: ``jsonschema`` when installed, else the built-in subset."""
-    try:
-        import jsonschema
-    except ImportError:
-        unsupported = _unsupported_keywords(schema)
-        if unsupported:
-            raise ValueError(f"json_schema uses {sorted(unsupported)}, which the built-in checker does not support: "
-                             "pip install jsonschema") from None
-        return lambda value: builtin_schema_errors(value, schema)
-    validator_class = jsonschema.validators.validator_for(schema)
-    try:
-        validator_class.check_schema(schema)
-    except jsonschema.SchemaError as error:
-        raise ValueError(f"json_schema is not a valid JSON schema: {error.message}") from None
-    validator = validator_class(schema)
-    return lambda value: [error.message for error in validator.iter_errors(value)]
-
-
-def score(output: str, reference: str, metric: Metric, pattern: re.Pattern | None = None,
-          schema_errors: Any = None, match_keys: tuple[str, ...] = ()) -> tuple[bool, str]:
-    """Whether a generation succeeds, and why not.
-
-    Args:
-        output: The generated answer.
-        reference: The held-out answer.
-        metric: ``exact``: equal after stripping whitespace. ``contains``: the reference appears in the output
-            (case-insensitive). ``regex``: ``pattern`` matches the output (``re.search``); when it has groups,
-            they must equal the reference's groups. ``json``: the output is one JSON value, passes
-            ``schema_errors`` if given, and agrees with the reference on ``match_keys``.
-        pattern: Compiled regular expression for ``regex``.
-        schema_errors: ``value -> list of errors`` (see :func:`schema_checker`).
-        match_keys: For ``json``: keys whose values must equal the reference's.
-    """
-    output = output.strip()
-    if metric == "exact":
-        return output == reference.strip(), "" if output == reference.strip() else "differs"
-    if metric == "contains":
-        found = reference.strip().casefold() in output.casefold()
-        return found, "" if found else "reference not found"
-    if metric == "regex":
-        match = pattern.search(output)
-        if match is None:
-            return False, "no match"
-        if pattern.groups and match.groups() != pattern.search(reference).groups():
-            return False, f"groups {match.groups()} differ"
-        return True, ""
-    try:
-        value = json.loads(output)
-    except json.JSONDecodeError as error:
-        return False, f"invalid JSON: {error.msg}"
-    errors = schema_errors(value) if schema_errors is not None else []
-    if errors:
-        return False, errors[0]
-    expected = json.loads(reference)
-    wrong = [key for key in match_keys if not isinstance(value, dict) or value.get(key) != expected[key]]
-    return (False, f"wrong {', '.join(wrong)}") if wrong else (True, "")
+from lightning_ft.json_schema import schema_checker
+from lightning_ft.task_metrics import Metric, score
 
 
 @dataclass(frozen=True)
@@ -148,6 +30,19 @@ class TaskItem:
     messages: tuple[dict[str, str], ...]
     reference: str
     source: str
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One measurement of the model being trained.
+
+    Attributes:
+        step: The trainer's global step.
+        success_rate: Fraction of the held-out prompts whose generation succeeded (summed over ranks).
+    """
+
+    step: int
+    success_rate: float
 
 
 def _cell(text: str, width: int = 200) -> str:
@@ -173,7 +68,7 @@ class TaskEval(pl.Callback):
     Args:
         data_path: Held-out conversations (any format ``fit`` reads): the prompt is every message before
             the last assistant turn, the reference the last assistant message.
-        metric: ``exact``, ``regex``, ``json`` or ``contains`` (see :func:`score`).
+        metric: ``exact``, ``regex``, ``json`` or ``contains`` (see :func:`lightning_ft.task_metrics.score`).
         pattern: Regular expression for ``regex``; with groups, the groups of output and reference must agree.
         json_schema: For ``json``: a schema (dict, or path to a ``.json`` file) the output must satisfy.
         match_keys: For ``json``: keys whose values must equal the reference's (e.g. the labels).
@@ -186,7 +81,9 @@ class TaskEval(pl.Callback):
         batch_size: Prompts generated together.
         every_n_validations: Measure after every n-th validation (the final model is always measured).
         num_samples: Generations shown in the TensorBoard table.
-        name: Prefix of the logged keys; give each TaskEval of a run its own.
+        name: Prefix of the logged keys and the checkpoint state's key; give each TaskEval of a run its own.
+        model_attr: Attribute of the LightningModule holding the Hugging Face model (``""``: the module itself).
+        tokenizer: Model spec to load the tokenizer from; ``None`` uses ``pl_module.tokenizer``.
     """
 
     def __init__(
@@ -204,6 +101,8 @@ class TaskEval(pl.Callback):
         every_n_validations: int = 1,
         num_samples: int = 8,
         name: str = "task",
+        model_attr: str = "model",
+        tokenizer: str | None = None,
     ) -> None:
         problems = []
         if metric not in ("exact", "regex", "json", "contains"):
@@ -231,11 +130,12 @@ class TaskEval(pl.Callback):
         self.system_prompt, self.baseline_system_prompt = system_prompt, baseline_system_prompt
         self.max_items, self.max_new_tokens, self.batch_size = max_items, max_new_tokens, batch_size
         self.every_n_validations, self.num_samples, self.name = every_n_validations, num_samples, name
+        self.model_attr, self.tokenizer = model_attr, tokenizer
         # Read now, not in setup: a bad file must stop fit before the logger creates the run directory.
         self.items = self._read_items()
-        #: Success rate of the base model, then ``{"step", "success_rate"}`` per measurement of the model.
+        #: Success rate of the base model, then one record per measurement of the model being trained.
         self.baseline: float | None = None
-        self.history: list[dict[str, float]] = []
+        self.history: list[TaskRecord] = []
         self._validations = 0
         self._cost, self._seconds = CostMeter(), 0.0
 
@@ -291,8 +191,9 @@ class TaskEval(pl.Callback):
         return None
 
     @property
+    @override
     def state_key(self) -> str:
-        return f"TaskEval[{self.name}]"
+        return self._generate_state_key(name=self.name)
 
     # -- measuring ----------------------------------------------------------------------------------
     def _prompt(self, item: TaskItem, baseline: bool) -> list[dict[str, str]]:
@@ -305,9 +206,8 @@ class TaskEval(pl.Callback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, baseline: bool = False) -> float:
         """Generate for this rank's share of the items, score, sum over ranks; log samples; return the rate."""
-        model = pl_module.model if getattr(pl_module, "model", None) is not None else pl_module
-        tokenizer = getattr(pl_module, "tokenizer", None)
-        tokenizer = tokenizer if tokenizer is not None else trainer.datamodule.tokenizer_obj
+        model = hf_model(pl_module, self.model_attr, "TaskEval")
+        tokenizer = hf_tokenizer(pl_module, self.tokenizer, "TaskEval")
         chat_template = getattr(pl_module, "hparams", {}).get("chat_template")
         mine = self.items[trainer.global_rank::trainer.world_size]
         # LoRA & co.: the base model is the model with its adapter switched off.
@@ -362,6 +262,7 @@ class TaskEval(pl.Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
 
     # -- hooks --------------------------------------------------------------------------------------
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._cost.start()
         if self.baseline is not None:  # restored from a checkpoint
@@ -371,8 +272,9 @@ class TaskEval(pl.Callback):
         rank_zero_info(f"TaskEval {self.name}: base model success rate {self.baseline:.1%} "
                        f"on {len(self.items)} items of {self.data_path}")
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         self._validations += 1
         if self._validations % self.every_n_validations == 0:
@@ -382,11 +284,12 @@ class TaskEval(pl.Callback):
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         rate = self.measure(trainer, pl_module)
-        self.history.append({"step": trainer.global_step, "success_rate": rate})
+        self.history.append(TaskRecord(trainer.global_step, rate))
         return rate
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.history or self.history[-1]["step"] != trainer.global_step:
+        if not self.history or self.history[-1].step != trainer.global_step:
             # The final weights, whatever the validation schedule.
             self._log_outside_loop(trainer, self._record(trainer, pl_module))
         if trainer.global_rank == 0:
@@ -408,17 +311,28 @@ class TaskEval(pl.Callback):
         if self.baseline is not None:
             table.add_row(f"base model{prompt}", f"{self.baseline:.1%}", f"{round(self.baseline * total)}/{total}")
         if self.history:
-            final = self.history[-1]["success_rate"]
-            table.add_row(f"fine-tuned (step {self.history[-1]['step']})", f"{final:.1%}",
+            final = self.history[-1].success_rate
+            table.add_row(f"fine-tuned (step {self.history[-1].step})", f"{final:.1%}",
                           f"{round(final * total)}/{total}")
             if self.baseline is not None:
                 table.add_row("change", f"{100 * (final - self.baseline):+.1f} points", "")
         Console().print(table)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"baseline": self.baseline, "history": list(self.history), "validations": self._validations}
+        return {"baseline": self.baseline, "history": [asdict(record) for record in self.history],
+                "validations": self._validations}
 
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        legacy = f"TaskEval[{self.name}]"  # the key of checkpoints written before state keys held the settings
+        if self.state_key not in states and legacy in states:
+            states[self.state_key] = states[legacy]  # Lightning calls load_state_dict with it next
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.baseline = state_dict["baseline"]
-        self.history = list(state_dict["history"])
+        self.history = [TaskRecord(int(record["step"]), float(record["success_rate"]))
+                        for record in state_dict["history"]]
         self._validations = state_dict["validations"]

@@ -32,6 +32,7 @@ from lightning_ft.data.checks import (
 from lightning_ft.commands import check_pairs as pairs
 from lightning_ft.commands.report import print_findings, print_verdict, verdict
 from lightning_ft.data.formats import Conversation
+from lightning_ft.data.lint import ArrowRows
 from lightning_ft.data.sources import read_source
 
 PROG = "lightning_ft check-data"
@@ -159,12 +160,12 @@ def build_report(cli: Any, options: Any) -> dict[str, Any] | str:
 
     data_module = cli.datamodule
     held_out = _held_out_sets(cli.trainer)
-    extra: dict[str, list[Conversation]] = {}
+    extra: dict[str, ArrowRows] = {}
     try:
-        data, problems = data_module.scan()
+        train, val, problems = data_module.scan_rows()
         for name, path, system_prompt in held_out:
             held = read_source(path, data_module.format, system_prompt)
-            extra[name] = held.conversations()
+            extra[name] = ArrowRows([(held, held.dataset)])
             problems += held.problems
     except RecursionError:  # json raises it, not JSONDecodeError, for absurdly nested values
         paths = [s.path for s in data_module.training_sources()] + [data_module.val_path] + [
@@ -174,17 +175,17 @@ def build_report(cli: Any, options: Any) -> dict[str, Any] | str:
     unreadable = [f"{f.location}: {f.message}" for f in findings if f.code == "unreadable-file"]
     if unreadable:
         return "; ".join(unreadable)
-    train, val = data_module.split(data)
-    splits = {"train": train, "val": val, **extra}
-    findings += lint_conversations(splits, options.near_threshold)
+    findings += lint_conversations({"train": train, "val": val, **extra}, options.near_threshold)
     tokenizer = load_tokenizer(data_module.tokenizer, data_module.chat_template)
     stats, scored, labelling = {}, [], data_module.labelling()
-    for name, conversations in (("train", train), ("val", val)):
-        if name == "train" or conversations:
+    for name, rows in (("train", train), ("val", val)):
+        if name == "train" or len(rows):
             with warnings.catch_warnings():  # label_findings reports the template's stop markers
                 warnings.simplefilter("ignore")
-                stats[name], found, kept = token_checks(conversations, tokenizer, data_module.max_length,
-                                                        data_module.truncation, data_module.chat_template, labelling)
+                # Streamed: only the examples the surprise ranking scores are kept.
+                stats[name], found, kept = token_checks(rows.conversations(), tokenizer, data_module.max_length,
+                                                        data_module.truncation, data_module.chat_template, labelling,
+                                                        keep=max(0, options.surprise_max - len(scored)))
             findings += found
             scored += kept
     found, example = label_findings(scored, tokenizer, data_module.chat_template, labelling)

@@ -76,8 +76,9 @@ def build_pair_report(cli: Any, options: Any) -> dict[str, Any] | str:
                     findings.append(Finding("warning", "truncated", pair.source,
                                             f"{side} side has {length} tokens, cut to max_length={data_module.max_length}"))
         stats[name] = split
-    return {**verdict(findings, options.strict), "files": {"train": data_module.train_path, "val": data_module.val_path},
-            "max_length": data_module.max_length, "stats": stats}
+    files = {"train": data_module.train_path, "val": data_module.val_path}
+    return {**verdict(findings, options.strict), "max_length": data_module.max_length, "stats": stats,
+            "files": {split: getattr(spec, "label", spec) for split, spec in files.items()}}
 
 
 def print_pair_report(report: dict[str, Any], show: int) -> None:

@@ -4,34 +4,48 @@ Every check is a function from conversations (and, for token counts, a tokenizer
 :class:`Finding`, so ``lightning_ft check-data`` reports them all and ``ChatDataModule`` reuses the
 model-free ones at ``fit`` time. Nothing here raises on bad data: a problem becomes a finding.
 
-Near-duplicates are found with an exact Jaccard similarity over word 3-grams of the normalised text
-(lowercase, punctuation and whitespace collapsed), joined with prefix filtering: shingles are ordered
-rarest first and two sets can only reach similarity ``t`` if their first ``|s| - ceil(t * |s|) + 1``
-shingles share one. Rare shingles have short posting lists, so 10k conversations take a second or two,
-with no false negatives (unlike MinHash).
+The model-free checks stream over the data once per split (:mod:`lightning_ft.data.lint`), keeping a few
+numbers per conversation; near-duplicates are the word 3-gram Jaccard similarity of the normalised text
+(lowercase, punctuation and whitespace collapsed), found with MinHash/LSH and confirmed exactly
+(:mod:`lightning_ft.data.minhash`), so memory never holds all pairs.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-import statistics
-from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_ft.data.collate import (
     EmptyLabelsError,
     count_trained,
-    encode_conversation,
+    encode_conversations,
+    render_texts,
     truncate_example,
 )
 from lightning_ft.data.formats import ROLES, Conversation, DataError, DataProblem
-from lightning_ft.data.labels import TemplateRefusedError, render_text
+from lightning_ft.data import minhash
+from lightning_ft.data.lint import (
+    SHAPES,
+    ConversationRows,
+    Features,
+    Rows,
+    answer_of,
+    digest,
+    features,
+    first_of_each,
+    length_outliers,
+    majority,
+    prompt_of,
+    system_of,
+    value_counts,
+)
+from lightning_ft.data.minhash import normalize
 
 Severity = Literal["error", "warning", "info"]
 #: Similarity (Jaccard over word 3-grams) from which two conversations count as near-duplicates.
@@ -106,141 +120,89 @@ def enforce(findings: Sequence[Finding], checks: Literal["warn", "strict", "off"
 
 
 # -- text views of a conversation -----------------------------------------------------------------
-def normalize(text: str) -> str:
-    """Lowercase, with runs of punctuation, symbols and whitespace collapsed to one space."""
-    return re.sub(r"[\W_]+", " ", text.casefold()).strip()
-
-
-def _last_assistant(conversation: Conversation) -> int:
-    return max(i for i, m in enumerate(conversation.messages) if m["role"] == "assistant")
-
-
 def prompt_text(conversation: Conversation) -> str:
     """Every non-system message before the last assistant turn."""
-    end = _last_assistant(conversation)
-    return "\n".join(m["content"] for m in conversation.messages[:end] if m["role"] != "system")
+    return prompt_of(conversation.messages)
 
 
 def answer_text(conversation: Conversation) -> str:
     """The last assistant message."""
-    return conversation.messages[_last_assistant(conversation)]["content"]
+    return answer_of(conversation.messages)
 
 
 def system_text(conversation: Conversation) -> str | None:
-    first = conversation.messages[0]
-    return first["content"] if first["role"] == "system" else None
+    return system_of(conversation.messages)
 
 
-def _shingles(text: str, size: int = 3) -> frozenset[str]:
-    words = normalize(text).split()
-    if len(words) <= size:
-        return frozenset([" ".join(words)]) if words else frozenset()
-    return frozenset(" ".join(words[i:i + size]) for i in range(len(words) - size + 1))
-
-
-def similar_pairs(sets: Sequence[frozenset[str]], threshold: float,
-                  others: Sequence[frozenset[str]] | None = None) -> list[tuple[int, int, float]]:
-    """Pairs with Jaccard similarity >= ``threshold``, exactly, via prefix filtering.
-
-    Args:
-        sets: Shingle sets.
-        threshold: In ``(0, 1]``.
-        others: When given, pairs ``(i, j)`` match ``sets[i]`` with ``others[j]``; otherwise
-            ``(i, j)`` with ``i < j`` within ``sets``.
-
-    Returns:
-        ``(i, j, similarity)`` sorted by ``j`` then ``i``.
-    """
-    frequency = Counter(token for group in (sets, others or ()) for s in group for token in s)
-
-    def prefix(s: frozenset[str]) -> list[str]:
-        ordered = sorted(s, key=lambda token: (frequency[token], token))  # rarest first
-        return ordered[: len(s) - math.ceil(threshold * len(s)) + 1]
-
-    index: dict[str, list[int]] = defaultdict(list)
-    pairs = []
-
-    def probe(j: int, s: frozenset[str]) -> None:
-        candidates = {i for token in prefix(s) for i in index.get(token, ())}
-        for i in sorted(candidates):
-            a = sets[i]
-            if min(len(a), len(s)) < threshold * max(len(a), len(s)):
-                continue  # sizes too different to reach the threshold
-            similarity = len(a & s) / len(a | s)
-            if similarity >= threshold:
-                pairs.append((i, j, similarity))
-
-    if others is None:
-        for j, s in enumerate(sets):
-            if s:
-                probe(j, s)
-                for token in prefix(s):
-                    index[token].append(j)
-    else:
-        for i, s in enumerate(sets):
-            for token in prefix(s) if s else ():
-                index[token].append(i)
-        for j, s in enumerate(others):
-            if s:
-                probe(j, s)
-    return pairs
+def _as_rows(data: Sequence[Conversation] | Rows) -> Rows:
+    return data if hasattr(data, "batches") else ConversationRows(data)  # type: ignore[arg-type]
 
 
 # -- model-free checks ------------------------------------------------------------------------------
-def find_duplicates(conversations: Sequence[Conversation],
-                    threshold: float = NEAR_DUPLICATE_THRESHOLD) -> list[Finding]:
-    """Exact duplicates, the same prompt with a different answer, and near-duplicates (later copy reported)."""
-    findings, reported = [], set()
-    first_raw: dict[tuple, int] = {}
-    first_prompt: dict[str, int] = {}
-    for j, conversation in enumerate(conversations):
-        raw = tuple((m["role"], m["content"]) for m in conversation.messages)
-        prompt = normalize(prompt_text(conversation))
-        if raw in first_raw:
-            findings.append(Finding("warning", "exact-duplicate", conversation.source,
-                                    f"identical to {conversations[first_raw[raw]].source}"))
-            reported.add(j)
-        elif prompt in first_prompt:
-            i = first_prompt[prompt]
-            if normalize(answer_text(conversations[i])) != normalize(answer_text(conversation)):
-                findings.append(Finding("warning", "conflicting-answers", conversation.source,
-                                        f"same prompt as {conversations[i].source} but a different answer: "
-                                        f"{_preview(answer_text(conversation))} vs "
-                                        f"{_preview(answer_text(conversations[i]))}"))
-            else:
-                findings.append(Finding("warning", "near-duplicate", conversation.source,
-                                        f"same text as {conversations[i].source} up to case and punctuation"))
-            reported.add(j)
-        first_raw.setdefault(raw, j)
-        first_prompt.setdefault(prompt, j)
-    texts = [_shingles(prompt_text(c) + "\n" + answer_text(c)) for c in conversations]
-    for i, j, similarity in similar_pairs(texts, threshold):
-        if j not in reported:
-            reported.add(j)
-            findings.append(Finding("warning", "near-duplicate", conversations[j].source,
-                                    f"{similarity:.0%} similar to {conversations[i].source}"))
+def find_duplicates(conversations: Sequence[Conversation] | Rows, threshold: float = NEAR_DUPLICATE_THRESHOLD,
+                    found: Features | None = None) -> list[Finding]:
+    """Exact duplicates, the same prompt with a different answer, and near-duplicates (later copy reported).
+
+    Near-duplicates are pairs whose word 3-gram Jaccard similarity reaches ``threshold``, found by
+    MinHash/LSH (:mod:`lightning_ft.data.minhash`) and confirmed exactly. ``found`` are the rows'
+    :class:`~lightning_ft.data.lint.Features` when the caller already has them.
+    """
+    rows = _as_rows(conversations)
+    found = found if found is not None else features(rows)
+    raw_first, prompt_first = first_of_each(found.raw), first_of_each(found.prompt)
+    findings, reported = [], np.zeros(len(rows), dtype=bool)
+    for j in np.flatnonzero((raw_first != np.arange(len(rows))) | (prompt_first != np.arange(len(rows)))):
+        j, reported[j] = int(j), True
+        if raw_first[j] != j:
+            findings.append(Finding("warning", "exact-duplicate", rows.location(j),
+                                    f"identical to {rows.location(int(raw_first[j]))}"))
+        elif found.answer[prompt_first[j]] != found.answer[j]:
+            i = int(prompt_first[j])
+            findings.append(Finding("warning", "conflicting-answers", rows.location(j),
+                                    f"same prompt as {rows.location(i)} but a different answer: "
+                                    f"{_preview(answer_of(rows.messages(j)))} vs {_preview(answer_of(rows.messages(i)))}"))
+        else:
+            findings.append(Finding("warning", "near-duplicate", rows.location(j),
+                                    f"same text as {rows.location(int(prompt_first[j]))} up to case and punctuation"))
+
+    def text(index: int) -> frozenset[str]:
+        messages = rows.messages(index)
+        return minhash.shingles(prompt_of(messages) + "\n" + answer_of(messages))
+
+    near = minhash.confirmed(minhash.candidates(found.text_bands, skip=reported), text, text, threshold)
+    for j, (i, similarity) in sorted(near.items()):
+        findings.append(Finding("warning", "near-duplicate", rows.location(j),
+                                f"{similarity:.0%} similar to {rows.location(i)}"))
     return findings
 
 
-def find_leakage(train: Sequence[Conversation], held_out: Sequence[Conversation],
-                 threshold: float = NEAR_DUPLICATE_THRESHOLD, name: str = "validation") -> list[Finding]:
+def find_leakage(train: Sequence[Conversation] | Rows, held_out: Sequence[Conversation] | Rows,
+                 threshold: float = NEAR_DUPLICATE_THRESHOLD, name: str = "validation",
+                 train_found: Features | None = None, held_found: Features | None = None) -> list[Finding]:
     """Held-out conversations whose prompt is (nearly) a training prompt: their scores would be inflated."""
-    train_prompts = [_shingles(prompt_text(c)) for c in train]
-    held_prompts = [_shingles(prompt_text(c)) for c in held_out]
-    exact = {normalize(prompt_text(c)): i for i, c in reversed(list(enumerate(train)))}
-    findings, reported = [], set()
-    for j, conversation in enumerate(held_out):
-        i = exact.get(normalize(prompt_text(conversation)))
-        if i is not None:
-            reported.add(j)
-            findings.append(Finding("warning", "leakage", conversation.source,
-                                    f"{name} prompt also in the training data at {train[i].source}"))
-    for i, j, similarity in similar_pairs(train_prompts, threshold, others=held_prompts):
-        if j not in reported:
-            reported.add(j)
-            findings.append(Finding("warning", "leakage", held_out[j].source,
-                                    f"{name} prompt {similarity:.0%} similar to training prompt at {train[i].source}"))
-    return findings
+    train, held_out = _as_rows(train), _as_rows(held_out)
+    train_found = train_found if train_found is not None else features(train, prompt_bands=True)
+    held_found = held_found if held_found is not None else features(held_out, prompt_bands=True)
+    unique, first = np.unique(train_found.prompt, return_index=True)
+    at = np.searchsorted(unique, held_found.prompt).clip(max=max(len(unique) - 1, 0))
+    exact = (unique[at] == held_found.prompt) if len(unique) else np.zeros(len(held_out), dtype=bool)
+    findings = [Finding("warning", "leakage", held_out.location(int(j)),
+                        f"{name} prompt also in the training data at {train.location(int(first[at[j]]))}")
+                for j in np.flatnonzero(exact)]
+    near = minhash.confirmed(
+        ((i, j) for i, j in minhash.cross_candidates(train_found.prompt_bands, held_found.prompt_bands)
+         if not exact[j]),
+        lambda i: minhash.shingles(prompt_of(train.messages(i))),
+        lambda j: minhash.shingles(prompt_of(held_out.messages(j))), threshold)
+    for j, (i, similarity) in sorted(near.items()):
+        findings.append(Finding("warning", "leakage", held_out.location(j),
+                                f"{name} prompt {similarity:.0%} similar to training prompt at {train.location(i)}"))
+    return sorted(findings, key=lambda f: _position(held_out, f.location))
+
+
+def _position(rows: Rows, location: str) -> int:
+    # Findings come out per kind; a held-out set is small enough to order them by row once.
+    return next((i for i in range(len(rows)) if rows.location(i) == location), 0)
 
 
 def _preview(text: str, width: int = 60) -> str:
@@ -271,120 +233,125 @@ def response_shape(text: str) -> tuple[str, tuple[str, ...] | None, str | None]:
     return "text", None, None
 
 
-def _odd_ones(labels: Sequence[Any]) -> tuple[Any, int, list[int]]:
-    """The majority label, its count, and the indices that differ (empty unless it has a clear majority)."""
-    counts = Counter(labels)
-    top, count = counts.most_common(1)[0]
-    if len(counts) < 2 or count < MAJORITY * len(labels):
-        return top, count, []
-    return top, count, [i for i, label in enumerate(labels) if label != top]
+def _odd_ones(values: np.ndarray) -> tuple[Any, int, np.ndarray]:
+    """The majority value, its count, and the indices that differ (empty unless it has a clear majority)."""
+    top, count, distinct = majority(values)
+    if distinct < 2 or count < MAJORITY * len(values):
+        return top, count, np.zeros(0, dtype=np.int64)
+    return top, count, np.flatnonzero(values != top)
 
 
-def _system_prompt_findings(conversations: Sequence[Conversation]) -> list[Finding]:
-    systems = [system_text(c) for c in conversations]
-    counts = Counter(systems)
-    if len(counts) < 2:
+def _system_prompt_findings(rows: Rows, found: Features) -> list[Finding]:
+    top, count, distinct = majority(found.system)
+    if distinct < 2:
         return []
-    top, count = counts.most_common(1)[0]
-    if count * 2 <= len(systems):  # no majority: varied on purpose, or a mess; either way say so once
-        return [Finding("info", "mixed-system-prompts", "", f"{len(counts)} different system prompts "
-                                                            f"(the most common one in {count} of {len(systems)})")]
-    usual = "no system prompt" if top is None else f"the system prompt {_preview(top)}"
+    total = len(found.system)
+    if count * 2 <= total:  # no majority: varied on purpose, or a mess; either way say so once
+        return [Finding("info", "mixed-system-prompts", "", f"{distinct} different system prompts "
+                                                            f"(the most common one in {count} of {total})")]
+    usual_text = system_of(rows.messages(int(np.flatnonzero(found.system == top)[0])))
+    usual = "no system prompt" if usual_text is None else f"the system prompt {_preview(usual_text)}"
     findings = []
-    for conversation, system in zip(conversations, systems):
-        if system != top:
-            this = "no system prompt" if system is None else f"system prompt {_preview(system)}"
-            findings.append(Finding("warning", "mixed-system-prompts", conversation.source,
-                                    f"{this}, but {count} of {len(systems)} conversations have {usual}"))
+    for i in np.flatnonzero(found.system != top):
+        system = system_of(rows.messages(int(i)))
+        this = "no system prompt" if system is None else f"system prompt {_preview(system)}"
+        findings.append(Finding("warning", "mixed-system-prompts", rows.location(int(i)),
+                                f"{this}, but {count} of {total} conversations have {usual}"))
     return findings
 
 
-def _shape_findings(conversations: Sequence[Conversation]) -> list[Finding]:
-    shapes = [response_shape(answer_text(c)) for c in conversations]
-    top, count, odd = _odd_ones([shape for shape, _, _ in shapes])
-    if top == "JSON object":  # a JSON majority makes broken JSON odd even when the majority is slim
-        odd = [i for i, (shape, _, _) in enumerate(shapes) if shape != top]
+def _shape_findings(rows: Rows, found: Features) -> list[Finding]:
+    top, count, odd = _odd_ones(found.shape)
+    if SHAPES[top] == "JSON object":  # a JSON majority makes broken JSON odd even when the majority is slim
+        odd = np.flatnonzero(found.shape != top)
     findings = []
-    for i in odd:
-        shape, _, error = shapes[i]
+    for i in odd.tolist():
+        answer = answer_of(rows.messages(i))
+        shape, _, error = response_shape(answer)
         detail = f"answer is {shape}" + (f" ({error})" if error else "")
-        findings.append(Finding("warning", "response-shape", conversations[i].source,
-                                f"{detail}, but {count} of {len(shapes)} answers are {top}: "
-                                f"{_preview(answer_text(conversations[i]))}"))
-    objects = [(i, keys) for i, (shape, keys, _) in enumerate(shapes) if shape == "JSON object"]
+        findings.append(Finding("warning", "response-shape", rows.location(i),
+                                f"{detail}, but {count} of {len(found.shape)} answers are {SHAPES[top]}: "
+                                f"{_preview(answer)}"))
+    objects = np.flatnonzero(found.shape == SHAPES.index("JSON object"))
     if len(objects) >= MIN_FOR_STATISTICS:
-        usual, count, odd = _odd_ones([keys for _, keys in objects])
-        for k in odd:
-            i, keys = objects[k]
-            findings.append(Finding("warning", "response-shape", conversations[i].source,
+        usual_hash, count, odd = _odd_ones(found.keys[objects])
+        usual = response_shape(answer_of(rows.messages(int(objects[found.keys[objects] == usual_hash][0]))))[1]
+        for i in objects[odd].tolist():
+            keys = response_shape(answer_of(rows.messages(i)))[1]
+            findings.append(Finding("warning", "response-shape", rows.location(i),
                                     f"JSON keys ({', '.join(keys)}) differ from the usual ({', '.join(usual)}) "
                                     f"of {count} of {len(objects)} JSON answers"))
-        findings += _rare_value_findings(conversations, [i for i, keys in objects if keys == usual], usual)
+        findings += _rare_value_findings(rows, objects[found.keys[objects] == usual_hash], usual)
     return findings
 
 
-def _rare_value_findings(conversations: Sequence[Conversation], rows: list[int],
-                         keys: tuple[str, ...]) -> list[Finding]:
+def _rare_value_findings(rows: Rows, indices: np.ndarray, keys: tuple[str, ...]) -> list[Finding]:
     """Values seen (almost) once in a JSON field that otherwise takes a few values: typos or odd labels."""
-    values = {i: json.loads(answer_text(conversations[i])) for i in rows}
     findings = []
-    for key in keys:
-        column = [(i, values[i][key]) for i in rows if isinstance(values[i][key], (str, int, float, bool))]
-        counts = Counter(value for _, value in column)
-        if len(column) < 2 * MIN_FOR_STATISTICS or 5 * len(counts) > len(column):
+    for key, (counts, seen) in value_counts(rows, indices, keys).items():
+        total = sum(counts.values())
+        if total < 2 * MIN_FOR_STATISTICS or 5 * len(counts) > total:
             continue  # too little data, or free text rather than labels (labels repeat, 5x on average or more)
-        rare = max(1, len(column) // 200)
-        usual = ", ".join(f"{value} ({n})" for value, n in counts.most_common(6) if n > rare)
-        for i, value in column:
-            if counts[value] <= rare:
-                findings.append(Finding("warning", "rare-value", conversations[i].source,
-                                        f"{key}={json.dumps(value)} appears {counts[value]}x in {len(column)} answers; "
+        rare = max(1, total // 200)
+        usual = ", ".join(f"{seen[code]} ({n})" for code, n in counts.most_common(6) if n > rare)
+        if min(counts.values()) > rare:
+            continue  # nothing rare: no answer needs reading again
+        for i in indices.tolist():
+            value = json.loads(answer_of(rows.messages(i)))[key]
+            code = digest(json.dumps(value)) if isinstance(value, (str, int, float, bool)) else None
+            if code is not None and counts[code] <= rare:
+                findings.append(Finding("warning", "rare-value", rows.location(i),
+                                        f"{key}={json.dumps(value)} appears {counts[code]}x in {total} answers; "
                                         f"usual values: {usual}"))
     return findings
 
 
-def _length_findings(conversations: Sequence[Conversation]) -> list[Finding]:
+def _length_findings(rows: Rows, found: Features) -> list[Finding]:
     """Prompts or answers far longer or shorter than the rest (robust z-score on log length and a 3x ratio).
 
     An odd answer is a warning (it is what the model learns); an odd prompt is only info (varied prompts are good).
     """
     findings = []
-    for part, text_of, severity in (("answer", answer_text, "warning"), ("prompt", prompt_text, "info")):
-        lengths = [len(text_of(c)) for c in conversations]
-        logs = [math.log1p(n) for n in lengths]
-        median = statistics.median(logs)
-        spread = 1.4826 * statistics.median(abs(x - median) for x in logs) or 1e-9
-        typical = round(math.expm1(median))
-        for conversation, n, x in zip(conversations, lengths, logs):
-            z = (x - median) / spread
-            if (z > 3.5 and n > 3 * typical) or (z < -3.5 and 3 * n < typical):
-                findings.append(Finding(severity, "outlier-length", conversation.source,
-                                        f"{part} is {n:,} characters; typical is {typical:,}"))
+    for part, lengths, severity in (("answer", found.answer_length, "warning"),
+                                    ("prompt", found.prompt_length, "info")):
+        odd, typical = length_outliers(lengths)
+        findings += [Finding(severity, "outlier-length", rows.location(int(i)),
+                             f"{part} is {int(lengths[i]):,} characters; typical is {typical:,}") for i in odd]
     return findings
 
 
-def find_inconsistencies(conversations: Sequence[Conversation]) -> list[Finding]:
+def find_inconsistencies(conversations: Sequence[Conversation] | Rows,
+                         found: Features | None = None) -> list[Finding]:
     """Mixed system prompts, answers shaped unlike the majority, rare label values, outlier lengths."""
-    findings = _system_prompt_findings(conversations)
-    if len(conversations) >= MIN_FOR_STATISTICS:
-        findings += _shape_findings(conversations) + _length_findings(conversations)
+    rows = _as_rows(conversations)
+    if not len(rows):
+        return []
+    found = found if found is not None else features(rows)
+    findings = _system_prompt_findings(rows, found)
+    if len(rows) >= MIN_FOR_STATISTICS:
+        findings += _shape_findings(rows, found) + _length_findings(rows, found)
     return findings
 
 
-def lint_conversations(splits: Mapping[str, Sequence[Conversation]],
+def lint_conversations(splits: Mapping[str, Sequence[Conversation] | Rows],
                        threshold: float = NEAR_DUPLICATE_THRESHOLD) -> list[Finding]:
-    """Every model-free check on checked conversations; ``splits`` maps ``train``/``val``/others to data.
+    """Every model-free check; ``splits`` maps ``train``/``val``/others to conversations or :class:`Rows`.
 
     Duplicates and consistency are checked per split (the validation set should look like training);
-    every split other than ``train`` is checked for prompts leaking from ``train``.
+    every split other than ``train`` is checked for prompts leaking from ``train``. Each split is read once
+    (plus the rows findings quote), so memory stays a few numbers per conversation.
     """
+    rows = {name: _as_rows(data) for name, data in splits.items()}
+    leaks = any(name != "train" and len(data) for name, data in rows.items()) and len(rows.get("train", ()))
+    found = {name: features(data, prompt_bands=bool(leaks)) for name, data in rows.items() if len(data)}
     findings = []
-    for conversations in splits.values():
-        findings += find_duplicates(conversations, threshold) + find_inconsistencies(conversations)
-    train = splits.get("train", ())
-    for name, conversations in splits.items():
-        if name != "train" and train:
-            findings += find_leakage(train, conversations, threshold, "validation" if name == "val" else name)
+    for name, data in rows.items():
+        if name in found:
+            findings += find_duplicates(data, threshold, found[name]) + find_inconsistencies(data, found[name])
+    for name, data in rows.items():
+        if name != "train" and name in found and leaks:
+            findings += find_leakage(rows["train"], data, threshold, "validation" if name == "val" else name,
+                                     found["train"], found[name])
     return findings
 
 
@@ -397,69 +364,104 @@ def _empty_stats() -> dict[str, Any]:
 def role_token_counts(messages: Sequence[Mapping[str, Any]], tokenizer: Any,
                       chat_template: str | None = None) -> dict[str, int]:
     """Tokens each role takes in the rendered conversation, template tokens (headers, end-of-turn) included."""
-    counts, previous = dict.fromkeys(ROLES, 0), 0
-    for end in range(1, len(messages) + 1):
-        try:
-            text = render_text(tokenizer, messages[:end], chat_template)
-        except TemplateRefusedError:  # e.g. a template that needs an assistant last: the next prefix counts it
-            continue
-        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        counts[messages[end - 1]["role"]] += max(0, length - previous)
-        previous = length
+    return role_token_counts_many([messages], tokenizer, chat_template)[0]
+
+
+def role_token_counts_many(conversations: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any,
+                           chat_template: str | None = None) -> list[dict[str, int]]:
+    """:func:`role_token_counts` of many conversations: every prefix rendered, then tokenised in one batch.
+
+    A prefix the template refuses (e.g. one that must end with the assistant) is skipped: the next one counts it.
+    """
+    prefixes = [(c, end) for c, messages in enumerate(conversations) for end in range(1, len(messages) + 1)]
+    texts = render_texts([conversations[c][:end] for c, end in prefixes], tokenizer, chat_template)
+    rendered = [i for i, text in enumerate(texts) if isinstance(text, str)]
+    lengths = dict(zip(rendered, map(len, tokenizer([texts[i] for i in rendered], add_special_tokens=False)[
+        "input_ids"]))) if rendered else {}
+    counts = [dict.fromkeys(ROLES, 0) for _ in conversations]
+    previous = [0] * len(conversations)
+    for i, (c, end) in enumerate(prefixes):
+        if i in lengths:
+            counts[c][conversations[c][end - 1]["role"]] += max(0, lengths[i] - previous[c])
+            previous[c] = lengths[i]
     return counts
 
 
-def token_checks(conversations: Sequence[Conversation], tokenizer: Any, max_length: int,
+def _chunks(conversations: Iterable[Conversation], size: int) -> Iterator[list[Conversation]]:
+    chunk: list[Conversation] = []
+    for conversation in conversations:
+        chunk.append(conversation)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def token_checks(conversations: Iterable[Conversation], tokenizer: Any, max_length: int,
                  truncation: Literal["cut", "drop"] = "cut", chat_template: str | None = None,
-                 labelling: Mapping[str, Any] | None = None,
+                 labelling: Mapping[str, Any] | None = None, keep: int | None = None,
                  ) -> tuple[dict[str, Any], list[Finding], list[tuple[Conversation, dict[str, list[int]]]]]:
     """Count turns and tokens per role, trained tokens and truncation losses with the model's chat template.
 
     ``labelling`` holds the label settings of :func:`~lightning_ft.data.collate.encode_conversation`
-    (``stop_tokens``, ``masking``, ``train_reasoning``), as the data module passes them.
+    (``stop_tokens``, ``masking``, ``train_reasoning``), as the data module passes them. Conversations are
+    encoded a batch at a time and may be streamed: only the first ``keep`` examples are kept (all: ``None``).
 
     Returns:
         The counts, findings (``truncated`` warnings, errors for conversations that would train nothing or
         that the template cannot render), and the ``(conversation, example)`` pairs as training would see them.
     """
     stats, findings, kept_examples = _empty_stats(), [], []
-    for conversation in conversations:
+    for chunk in _chunks(conversations, 256):
+        results = encode_conversations([c.messages for c in chunk], tokenizer, chat_template=chat_template,
+                                       **(labelling or {}))
         try:
-            example = encode_conversation(conversation.messages, tokenizer, chat_template=chat_template,
-                                          **(labelling or {}))
-            roles = role_token_counts(conversation.messages, tokenizer, chat_template)
-        except EmptyLabelsError as error:
-            findings.append(Finding("error", "no-trained-tokens", conversation.source, str(error)))
-            continue
-        except Exception as error:  # a template that cannot render this conversation: report, never crash
-            findings.append(Finding("error", "template", conversation.source, f"{type(error).__name__}: {error}"))
-            continue
-        stats["conversations"] += 1
-        for message in conversation.messages:
-            stats["turns"][message["role"]] += 1
-        for role, n in roles.items():
-            stats["tokens"][role] += n
-        stats["total_tokens"] += len(example["input_ids"])
-        trained = count_trained(example["labels"])
-        kept = truncate_example(example, max_length, truncation)
-        too_long = f"{len(example['input_ids']):,} tokens > max_length={max_length}"
-        if kept is None:
-            stats["dropped"] += 1
-            stats["assistant_tokens_lost"] += trained
-            findings.append(Finding("warning", "truncated", conversation.source,
-                                    f"{too_long}: dropped (truncation='drop'), losing {trained:,} assistant tokens"))
-            continue
-        if kept is not example:
-            lost = trained - count_trained(kept["labels"])
-            stats["truncated"] += 1
-            stats["assistant_tokens_lost"] += lost
-            if lost == trained:
-                findings.append(Finding("error", "no-trained-tokens", conversation.source,
-                                        f"{too_long}: the cut leaves no assistant token (raise max_length, or set "
-                                        "truncation='drop' to skip such conversations)"))
+            roles = role_token_counts_many([c.messages for c in chunk], tokenizer, chat_template)
+        except Exception:  # noqa: BLE001 - a template that fails oddly: count each alone, report, never crash
+            roles = [None] * len(chunk)
+        for conversation, example, counts in zip(chunk, results, roles):
+            if isinstance(example, EmptyLabelsError):
+                findings.append(Finding("error", "no-trained-tokens", conversation.source, str(example)))
                 continue
-            findings.append(Finding("warning", "truncated", conversation.source,
-                                    f"{too_long}: cut, losing {lost:,} of {trained:,} assistant tokens"))
-        stats["trained_tokens"] += count_trained(kept["labels"])
-        kept_examples.append((conversation, kept))
+            if isinstance(example, Exception) or counts is None:
+                error = example if isinstance(example, Exception) else ValueError("the template cannot render it")
+                findings.append(Finding("error", "template", conversation.source, f"{type(error).__name__}: {error}"))
+                continue
+            kept = _count(conversation, example, counts, stats, findings, max_length, truncation)
+            if kept is not None and (keep is None or len(kept_examples) < keep):
+                kept_examples.append((conversation, kept))
     return stats, findings, kept_examples
+
+
+def _count(conversation: Conversation, example: dict[str, list[int]], roles: dict[str, int], stats: dict[str, Any],
+           findings: list[Finding], max_length: int, truncation: Literal["cut", "drop"]) -> dict[str, list[int]] | None:
+    """Add one encoded conversation to ``stats`` and its truncation to ``findings``; the example as trained."""
+    stats["conversations"] += 1
+    for message in conversation.messages:
+        stats["turns"][message["role"]] += 1
+    for role, n in roles.items():
+        stats["tokens"][role] += n
+    stats["total_tokens"] += len(example["input_ids"])
+    trained = count_trained(example["labels"])
+    kept = truncate_example(example, max_length, truncation)
+    too_long = f"{len(example['input_ids']):,} tokens > max_length={max_length}"
+    if kept is None:
+        stats["dropped"] += 1
+        stats["assistant_tokens_lost"] += trained
+        findings.append(Finding("warning", "truncated", conversation.source,
+                                f"{too_long}: dropped (truncation='drop'), losing {trained:,} assistant tokens"))
+        return None
+    if kept is not example:
+        lost = trained - count_trained(kept["labels"])
+        stats["truncated"] += 1
+        stats["assistant_tokens_lost"] += lost
+        if lost == trained:
+            findings.append(Finding("error", "no-trained-tokens", conversation.source,
+                                    f"{too_long}: the cut leaves no assistant token (raise max_length, or set "
+                                    "truncation='drop' to skip such conversations)"))
+            return None
+        findings.append(Finding("warning", "truncated", conversation.source,
+                                f"{too_long}: cut, losing {lost:,} of {trained:,} assistant tokens"))
+    stats["trained_tokens"] += count_trained(kept["labels"])
+    return kept

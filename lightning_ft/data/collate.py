@@ -19,7 +19,14 @@ from typing import Any, Literal
 import torch
 
 from lightning_ft.data.formats import check_conversation
-from lightning_ft.data.labels import ReplySpan, locate_replies, render_text, stop_texts, template_traits
+from lightning_ft.data.labels import (
+    ReplySpan,
+    TemplateRefusedError,
+    locate_replies,
+    render_text,
+    stop_texts,
+    template_traits,
+)
 
 IGNORE_INDEX = -100
 Example = dict[str, list[int]]
@@ -67,9 +74,16 @@ def render_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, c
     """Render, tokenise and locate every reply with its stop marker (see :func:`encode_conversation`)."""
     text = render_text(tokenizer, messages, chat_template)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(encoded["input_ids"]), [tuple(pair) for pair in encoded["offset_mapping"]]
-    spans = locate_replies(text, messages, template_traits(tokenizer, chat_template),
-                           stop_texts(tokenizer, stop_tokens), train_reasoning)
+    return _rendered(messages, text, encoded["input_ids"], encoded["offset_mapping"], tokenizer, chat_template,
+                     stop_texts(tokenizer, stop_tokens), train_reasoning)
+
+
+def _rendered(messages: Sequence[Mapping[str, Any]], text: str, ids: Sequence[int],
+              offsets: Sequence[Sequence[int]], tokenizer: Any, chat_template: str | None, stops: Sequence[str],
+              train_reasoning: bool) -> Rendered:
+    """A :class:`Rendered` from the template's text and its tokens (one conversation of a batch, or alone)."""
+    ids, offsets = list(ids), [tuple(pair) for pair in offsets]
+    spans = locate_replies(text, messages, template_traits(tokenizer, chat_template), stops, train_reasoning)
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     eos_id = None
     if spans and spans[-1].message == len(messages) - 1 and not spans[-1].stopped:
@@ -88,15 +102,17 @@ def render_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, c
     return Rendered(text, ids, offsets, spans, eos_id)
 
 
-def _token_range(rendered: Rendered, start: int, end: int) -> tuple[int, int]:
+def _token_range(rendered: Rendered, start: int, end: int, starts: Sequence[int] | None = None,
+                 ends: Sequence[int] | None = None) -> tuple[int, int]:
     """Tokens ``[first, stop)`` covering characters ``[start, end)``.
 
     A token that straddles either edge (a BPE merge of header and reply, e.g. ``"\\n  "``, or of a plain
     text marker and the next header, ``"|><"``) is trained only when what it adds outside the span is
-    whitespace: no header character is ever a target.
+    whitespace: no header character is ever a target. ``starts``/``ends`` are the offsets' columns, when the
+    caller already split them (once per conversation rather than once per reply).
     """
-    starts = [s for s, _ in rendered.offsets]
-    ends = [e for _, e in rendered.offsets]
+    starts = [s for s, _ in rendered.offsets] if starts is None else starts
+    ends = [e for _, e in rendered.offsets] if ends is None else ends
     first = bisect.bisect_right(ends, start)
     if first < len(starts) and starts[first] < start and rendered.text[starts[first]:start].strip():
         first += 1
@@ -108,6 +124,8 @@ def _token_range(rendered: Rendered, start: int, end: int) -> tuple[int, int]:
 
 def count_trained(labels: Sequence[int]) -> int:
     """How many labels take part in the loss."""
+    if isinstance(labels, list):
+        return len(labels) - labels.count(IGNORE_INDEX)  # C speed: this runs on every encoded conversation
     return sum(label != IGNORE_INDEX for label in labels)
 
 
@@ -173,30 +191,92 @@ def encode_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, m
     if problems:
         raise ValueError("Invalid conversation: " + "; ".join(problems))
     rendered = render_conversation(messages, tokenizer, chat_template, stop_tokens, train_reasoning)
+    full = example = _labelled(messages, rendered, masking)
+    if max_length is not None:
+        example = truncate_example(full, max_length, "cut")
+        if not count_trained(example["labels"]):
+            first = next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX)
+            raise EmptyLabelsError(
+                f"conversation yields no trained token after truncation to max_length={max_length}: "
+                f"its first trained token is at position {first}"
+            )
+    return example
+
+
+def _labelled(messages: Sequence[Mapping[str, Any]], rendered: Rendered, masking: Masking) -> Example:
+    """``input_ids`` and ``labels`` of a rendered conversation; raises :class:`EmptyLabelsError` when none is trained."""
     ids = rendered.input_ids
     labels = list(ids) if masking == "all" else [IGNORE_INDEX] * len(ids)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    starts, ends = [s for s, _ in rendered.offsets], [e for _, e in rendered.offsets]
     for span in rendered.spans:
-        first, stop = _token_range(rendered, span.start, span.end)
+        first, stop = _token_range(rendered, span.start, span.end, starts, ends)
         if span.message == last and rendered.eos_id is not None:
             stop = len(ids)  # through the appended eos
         if not is_trained_message(messages[span.message]):
             labels[first:stop] = [IGNORE_INDEX] * (stop - first)
         elif masking == "assistant" or span.message == last:
             labels[first:stop] = ids[first:stop]
-    example = {"input_ids": ids, "labels": labels}
     if not count_trained(labels):
         raise EmptyLabelsError("conversation yields no trained token: the chat template renders no assistant reply "
                                "verbatim, or every reply is opted out (train: false / weight: 0)")
-    if max_length is not None:
-        example = truncate_example(example, max_length, "cut")
-        if not count_trained(example["labels"]):
-            first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-            raise EmptyLabelsError(
-                f"conversation yields no trained token after truncation to max_length={max_length}: "
-                f"its first trained token is at position {first}"
-            )
-    return example
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_conversations(conversations: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any,
+                         chat_template: str | None = None, stop_tokens: Sequence[int | str] | None = None,
+                         masking: Masking = "assistant", train_reasoning: bool = True) -> list[Example | ValueError]:
+    """:func:`encode_conversation` on many conversations at once, with the same result for each.
+
+    The templates are rendered in one ``apply_chat_template`` call and the texts tokenised in one batched
+    call of the fast tokenizer (its per-call overhead is most of the cost of short conversations); a
+    template that refuses one conversation is then rendered one by one, so only that one fails.
+
+    Returns:
+        Per conversation, its example, or the error :func:`encode_conversation` would raise
+        (``ValueError``: bad order, :class:`TemplateRefusedError`, :class:`EmptyLabelsError`).
+    """
+    if masking not in MASKING:
+        raise ValueError(f"masking={masking!r} is not one of: {', '.join(MASKING)}")
+    results: list[Example | ValueError | None] = [None] * len(conversations)
+    for index, messages in enumerate(conversations):
+        if problems := check_conversation(messages):
+            results[index] = ValueError("Invalid conversation: " + "; ".join(problems))
+    todo = [i for i, result in enumerate(results) if result is None]
+    texts = render_texts([conversations[i] for i in todo], tokenizer, chat_template)
+    for i, text in zip(todo, texts):
+        if isinstance(text, ValueError):
+            results[i] = text
+    todo = [(i, text) for i, text in zip(todo, texts) if isinstance(text, str)]
+    encoded = tokenizer([text for _, text in todo], add_special_tokens=False, return_offsets_mapping=True)
+    stops = stop_texts(tokenizer, stop_tokens)
+    for (i, text), ids, offsets in zip(todo, encoded["input_ids"], encoded["offset_mapping"]):
+        try:
+            rendered = _rendered(conversations[i], text, ids, offsets, tokenizer, chat_template, stops,
+                                 train_reasoning)
+            results[i] = _labelled(conversations[i], rendered, masking)
+        except ValueError as error:
+            results[i] = error
+    return results  # type: ignore[return-value]
+
+
+def render_texts(conversations: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any,
+                chat_template: str | None) -> list[str | ValueError]:
+    """Every conversation's render (one ``apply_chat_template`` call), or its :class:`TemplateRefusedError`."""
+    if not conversations:
+        return []
+    plain = [[{"role": m["role"], "content": m["content"]} for m in messages] for messages in conversations]
+    try:
+        return list(tokenizer.apply_chat_template(plain, tokenize=False, chat_template=chat_template))
+    except Exception:  # noqa: BLE001 - some conversation is refused: find which, one at a time
+        pass
+    texts: list[str | ValueError] = []
+    for messages in conversations:
+        try:
+            texts.append(render_text(tokenizer, messages, chat_template))
+        except TemplateRefusedError as error:
+            texts.append(error)
+    return texts
 
 
 def mark_trained(example: Example, tokenizer: Any) -> str:

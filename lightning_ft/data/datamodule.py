@@ -20,9 +20,12 @@ from lightning_ft.data.checks import enforce, lint_conversations
 from lightning_ft.data.collate import MASKING, ChatCollator
 from lightning_ft.data.encode import DROPPED, KEPT, NO_LABELS, TEMPLATE_ERROR, encode_dataset
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem
+from lightning_ft.data.lint import ArrowRows, Rows
 from lightning_ft.data.mixture import ExampleView, MixtureDataset, SourceTaggingCollator, per_epoch
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
 from lightning_ft.data.sources import Source, SourceData, as_source, read_source
+from lightning_ft.data.stream_batches import Encoding, StreamingBatches, StreamLoader, StreamPosition
+from lightning_ft.data.streaming import training_streams
 from lightning_ft.models import generation_stop_ids, load_tokenizer
 
 #: The general conversations shipped for replay (200, written for the package).
@@ -89,6 +92,8 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
         "train_reasoning": (isinstance(args["train_reasoning"], bool), "must be true or false"),
         "replay_ratio": (isinstance(args["replay_ratio"], (int, float)) and not isinstance(args["replay_ratio"], bool)
                          and 0.0 <= args["replay_ratio"] < 1.0, "must be a number in [0, 1)"),
+        "streaming": (isinstance(args["streaming"], bool), "must be true or false"),
+        "shuffle_buffer": (_is_int(args["shuffle_buffer"]) and args["shuffle_buffer"] >= 1, "must be an integer >= 1"),
     }
     problems = [f"{key}={args[key]!r}: {allowed}" for key, (ok, allowed) in checks.items() if not ok]
     if checks["sources"][0] and args["sources"]:
@@ -98,9 +103,23 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
     if args["val_path"] is not None and checks["val_fraction"][0] and args["val_fraction"] > 0:
         problems.append(f"val_fraction={args['val_fraction']!r}: must be 0 when val_path is set "
                         "(use a validation file or a split of the training file, not both)")
+    if args["streaming"] is True:
+        problems += _streaming_problems(args)
     if args["replay_path"] is not None and args["replay_ratio"] == 0:
         problems.append(f"replay_path={args['replay_path']!r}: replay_ratio=0 would mix none of it in "
                         "(set replay_ratio, e.g. 0.2, or drop replay_path)")
+    return problems
+
+
+def _streaming_problems(args: dict[str, Any]) -> list[str]:
+    """Settings a stream cannot honour: it has no size to hold a fraction out of or to count examples in."""
+    problems = []
+    if isinstance(args["val_fraction"], (int, float)) and args["val_fraction"] > 0:
+        problems.append(f"val_fraction={args['val_fraction']!r}: a stream has no size to hold a share out of; "
+                        "with streaming: true set val_path (read whole) or val_fraction: 0")
+    counted = [as_source(s).path for s in args["sources"] or [] if isinstance(s, Source) and s.count is not None]
+    if counted:
+        problems.append(f"sources: {counted[0]}: count needs the source's size; with streaming: true give it a weight")
     return problems
 
 
@@ -169,6 +188,15 @@ class ChatDataModule(LightningDataModule):
             share of every source. Each source's share of the examples trained on is logged as
             ``train/source_share/<name>``.
         num_proc: Worker processes that read and tokenise large sources (``None``: one process).
+        streaming: Read the training sources as streams (larger than disk or memory): records are converted and
+            tokenised as batches are drawn (by the ``num_workers`` DataLoader workers, each its own share), after
+            a seeded ``shuffle_buffer``; sources are mixed by weight (a source without one weighs 1, ``count`` is
+            refused) with replay at ``replay_ratio`` of the draws; packing and length grouping work on each batch
+            and windows of 50 batches. Needs ``trainer.max_steps``; validation comes from ``val_path`` (read
+            whole). Resume is exact: the stream is re-created and the consumed records skipped without
+            tokenising them. A bad record stops the run when it is reached (source and row named), rather
+            than all bad records being listed before training; run ``lightning_ft check-data`` for that.
+        shuffle_buffer: Records each streamed source holds for its seeded shuffle (memory grows with it).
 
     Example::
 
@@ -202,6 +230,8 @@ class ChatDataModule(LightningDataModule):
         train_reasoning: bool = True,
         sources: list[Source] | None = None,
         num_proc: int | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 10_000,
     ) -> None:
         super().__init__()
         args = dict(locals())
@@ -232,6 +262,8 @@ class ChatDataModule(LightningDataModule):
         self.train_reasoning = train_reasoning
         self.sources = None if sources is None else [as_source(source) for source in sources]
         self.num_proc = num_proc
+        self.streaming = streaming
+        self.shuffle_buffer = shuffle_buffer
         #: A ready tokenizer object; when set it is used instead of loading ``tokenizer``.
         self.tokenizer_obj: Any = None
         #: Counts from :meth:`setup`: conversations, tokens, trained tokens, truncated, dropped.
@@ -246,6 +278,10 @@ class ChatDataModule(LightningDataModule):
         self._replay_per_epoch = 0
         self._source_counts = torch.zeros(0, dtype=torch.long)
         self._resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+        self._stream: StreamingBatches | None = None  # streaming: the training batches, and where they stand
+        self._stream_next = StreamPosition()
+        self._stream_consumed = torch.zeros(0, dtype=torch.long)
+        self._sample_lengths: list[int] = []
 
     def training_sources(self) -> list[Source]:
         """The training sources: ``sources``, or ``train_path`` as one source (replay not included)."""
@@ -277,6 +313,13 @@ class ChatDataModule(LightningDataModule):
         for split, part in parts:
             data.setdefault(split, []).extend(part.conversations())
         return data, [problem for _, part in parts for problem in part.problems]
+
+    def scan_rows(self) -> tuple[Rows, Rows, list[DataProblem]]:
+        """:meth:`scan` and :meth:`split` as ``fit`` splits, streamed: the training and validation conversations as
+        :class:`~lightning_ft.data.lint.ArrowRows` (read from Arrow a batch at a time) and every problem."""
+        problems = [problem for part in self._parts_read() for problem in part.problems]
+        train, val = self._split_sources()
+        return ArrowRows(train), ArrowRows(val), problems
 
     def prepare_data(self) -> None:
         """Read, check and encode everything before Lightning creates any log directory.
@@ -323,7 +366,7 @@ class ChatDataModule(LightningDataModule):
             self.stop_tokens = generation_stop_ids(self.tokenizer) if self.tokenizer is not None else []
         return {"stop_tokens": self.stop_tokens, "masking": self.masking, "train_reasoning": self.train_reasoning}
 
-    def _check(self, train: list[Conversation], val: list[Conversation]) -> None:
+    def _check(self, train: Rows, val: Rows) -> None:
         """Model-free data checks: warnings printed once (rank zero), or raised with ``checks="strict"``."""
         if self.checks != "off":
             enforce(lint_conversations({"train": train, "val": val}), self.checks, "lightning_ft check-data")
@@ -379,6 +422,8 @@ class ChatDataModule(LightningDataModule):
         """Load the tokenizer, read, split, tokenise and truncate everything once; log a one-line report."""
         if self.stats:
             return  # already encoded for an earlier stage
+        if self.streaming:
+            return self._setup_stream(stage)
         problems = [problem for part in self._parts_read() for problem in part.problems]
         if problems:
             raise DataError(problems)  # data problems first: they need no tokenizer
@@ -388,8 +433,7 @@ class ChatDataModule(LightningDataModule):
         tokenizer = self._load_tokenizer()
         train, val = self._split_sources()
         if self.checks != "off":
-            self._check([c for part, ds in train for c in part.conversations(ds)],
-                        [c for part, ds in val for c in part.conversations(ds)])
+            self._check(ArrowRows(train), ArrowRows(val))  # streamed from Arrow: no Python object per conversation
         stats = dict.fromkeys(_STAT_KEYS, 0)
         errors: list[str] = []
         trained = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in train]
@@ -407,6 +451,43 @@ class ChatDataModule(LightningDataModule):
         stats.update(replay_conversations=len(self.replay_examples), replay_per_epoch=self.replay_per_epoch())
         self.stats = stats
         self._report()
+
+    def _setup_stream(self, stage: str | None) -> None:
+        """Streaming: open every source (formats detected from the first records), encode a sample to choose the
+        batching from and to catch bad data early, and read the validation file whole."""
+        trainer = getattr(self, "trainer", None)
+        if stage in (None, "fit") and trainer is not None and (trainer.max_steps is None or trainer.max_steps < 0):
+            raise ValueError("data.streaming: true needs trainer.max_steps: a stream has no length to plan the "
+                             "learning-rate schedule from (set e.g. --trainer.max_steps 1000)")
+        interval = getattr(trainer, "val_check_interval", 1.0)
+        if stage in (None, "fit") and isinstance(interval, float) and interval != 1.0:
+            raise ValueError(f"data.streaming: true needs trainer.val_check_interval as a number of batches (e.g. 200), "
+                             f"not a share ({interval}) of an epoch whose length a stream does not know")
+        if not self.training_sources():
+            raise ValueError("ChatDataModule has no training data: set train_path or sources.")
+        tokenizer = self._load_tokenizer()
+        streams, weights, replay = training_streams(self.training_sources(), self.replay_file(), self.replay_ratio,
+                                                    self.format, self.shuffle_buffer, self.seed)
+        encoding = Encoding(tokenizer, self.chat_template, self.max_length, self.truncation, self.labelling(),
+                            self.system_prompt)
+        self._stream = StreamingBatches(streams, weights, replay, encoding, self.batch_size, seed=self.seed)
+        sample = self._stream.sample(self.batch_size * 50)
+        self._sample_lengths = [len(example["input_ids"]) for example in sample]
+        self._mixture = [(s.source.display_name(), ExampleView(), None, r) for s, r in zip(streams, replay)]
+        stats = dict.fromkeys(_STAT_KEYS, 0)
+        errors: list[str] = []
+        if self.val_path is not None:
+            part = read_source(self.val_path, self.format, self.system_prompt, self.num_proc)
+            if part.problems:
+                raise DataError(part.problems)
+            self.val_examples = self._encode(part, part.dataset, tokenizer, stats, errors)
+        if errors:
+            raise DataError(errors)
+        self.stats = {"streaming": 1, "val_conversations": len(self.val_examples), "sample_conversations": len(sample),
+                      "sample_tokens": sum(self._sample_lengths)}
+        rank_zero_info(f"Data: streaming {', '.join(name for name, *_ in self._mixture)}"
+                       f"{f' (weights {weights})' if weights else ''}; the first {len(sample)} conversations hold "
+                       f"{sum(self._sample_lengths):,} tokens; {len(self.val_examples)} val conversations")
 
     def _parts_read(self) -> list[SourceData]:
         read = self._read()
@@ -476,7 +557,8 @@ class ChatDataModule(LightningDataModule):
         :func:`~lightning_ft.data.batching.choose_batching` (asking the trainer's LightningModule whether its
         attention packs natively: ``supports_packing()``)."""
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        lengths = [n for _, part, _, _ in self._mixture for n in part.lengths()]  # from Arrow, no rows read
+        lengths = self._sample_lengths if self.streaming else [  # from Arrow, no rows read
+            n for _, part, _, _ in self._mixture for n in part.lengths()]
 
         def packs_natively() -> bool:
             return bool(hasattr(module, "supports_packing") and module.supports_packing())
@@ -489,14 +571,17 @@ class ChatDataModule(LightningDataModule):
         """Whether batches are packed (see :meth:`batching`)."""
         return self.batching().mode == "packed"
 
-    def _loader(self, dataset: MixtureDataset, sampler: ResumableSampler, choice: BatchingChoice) -> DataLoader:
+    def _collator(self, choice: BatchingChoice) -> ChatCollator:
         packed = choice.mode == "packed"
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)
         # One row per batch when the attention keeps packed conversations apart itself; else rows of max_length,
         # as a dense block-diagonal mask costs quadratically in the row length.
         whole_batch = packed and bool(getattr(module, "packs_natively", lambda: False)())
         pack_length = self.max_length * (self.batch_size if whole_batch else 1)
-        collate = ChatCollator(self._pad_token_id(), self.pad_to_multiple_of, pack_length=pack_length if packed else None)
+        return ChatCollator(self._pad_token_id(), self.pad_to_multiple_of, pack_length=pack_length if packed else None)
+
+    def _loader(self, dataset: MixtureDataset, sampler: ResumableSampler, choice: BatchingChoice) -> DataLoader:
+        collate = self._collator(choice)
         return ResumableDataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -509,8 +594,21 @@ class ChatDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _stream_loader(self) -> DataLoader:
+        """Streamed training batches for this rank; after a resume, from the batch after the last one trained."""
+        choice = self.batching()
+        rank_zero_info(f"{choice} (from the first {len(self._sample_lengths)} streamed conversations)")
+        trainer = getattr(self, "trainer", None)
+        stream = self._stream
+        stream.collate_fn, stream.grouped = self._collator(choice), choice.mode == "grouped"
+        stream.rank, stream.world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        stream.resume = self._stream_next if self._stream_next != StreamPosition() else None
+        return StreamLoader(stream, lambda: trainer.current_epoch if trainer is not None else 0, self.num_workers)
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; after a mid-epoch resume, only the batches the epoch has left."""
+        if self.streaming:
+            return self._stream_loader()
         if not self.train_examples:
             raise ValueError("No training data: set train_path and call setup('fit') first.")
         choice = self.batching()
@@ -541,8 +639,17 @@ class ChatDataModule(LightningDataModule):
         """Take the mixture's ``source_ids`` off the batch and log each source's share of the examples seen
         (``train/source_share/<name>``, over the last ``log_every_n_steps`` batches)."""
         sources = batch.pop("source_ids", None) if isinstance(batch, dict) else None
+        position = batch.pop("stream_position", None) if isinstance(batch, dict) else None
         trainer = getattr(self, "trainer", None)
-        if sources is None or trainer is None or not trainer.training:
+        if trainer is None or not trainer.training:
+            return batch
+        if position is not None:  # the batch after this one is where a checkpoint taken now resumes
+            epoch, unit, number = (int(v) for v in position)
+            self._stream_next = StreamPosition(epoch, unit, number + 1)
+            if len(self._stream_consumed) != len(self._mixture):
+                self._stream_consumed = torch.zeros(len(self._mixture), dtype=torch.long)
+            self._stream_consumed += torch.bincount(sources, minlength=len(self._mixture))[: len(self._mixture)]
+        if sources is None:
             return batch
         if len(self._source_counts) != len(self._mixture):
             self._source_counts = torch.zeros(len(self._mixture), dtype=torch.long)
@@ -565,10 +672,19 @@ class ChatDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return {}
+        if self.streaming:  # the next batch's place in the stream, and the examples trained on per source
+            return {"stream_epoch": self._stream_next.epoch, "stream_unit": self._stream_next.unit,
+                    "stream_batch": self._stream_next.batch, "examples_per_source": self._stream_consumed.tolist()}
         return {"epoch": trainer.current_epoch, "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        if state_dict:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "stream_epoch" in state_dict:
+            self._stream_next = StreamPosition(int(state_dict["stream_epoch"]), int(state_dict["stream_unit"]),
+                                               int(state_dict["stream_batch"]))
+            self._stream_consumed = torch.tensor(state_dict["examples_per_source"], dtype=torch.long)
+            if self._stream is not None:  # a loader built before the restore resumes too
+                self._stream.resume = self._stream_next
+        elif state_dict:
             self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def val_dataloader(self) -> DataLoader | list:

@@ -1,8 +1,8 @@
 """Conversations (Arrow) -> labelled token ids (Arrow), with worker processes and a validated on-disk cache.
 
 :func:`encode_batch` is the one place that turns conversations into training examples: it calls
-:func:`~lightning_ft.data.collate.encode_conversation` on each (one render of the template, one
-tokenisation) and records the truncation counts per row.
+:func:`~lightning_ft.data.collate.encode_conversations` on a batch (one render of the template each, one
+batched tokenisation) and records the truncation counts per row.
 
 :func:`encode_dataset` runs it with ``datasets.map`` over ``num_proc`` processes and keeps the result
 under ``$LIGHTNING_FT_CACHE/encoded/<key>``, keyed by the conversations' content, the tokenizer, the
@@ -29,7 +29,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from lightning_ft.data.collate import (
     EmptyLabelsError,
     count_trained,
-    encode_conversation,
+    encode_conversations,
     truncate_example,
 )
 from lightning_ft.atomic import atomic_directory
@@ -55,7 +55,7 @@ def encode_batch(batch: dict[str, list], *, tokenizer: Any, chat_template: str |
                  truncation: str, labelling: Mapping[str, Any]) -> dict[str, list]:
     """``datasets.map`` function: conversations -> ``input_ids``, ``labels`` and per-row counts.
 
-    The one place that calls :func:`~lightning_ft.data.collate.encode_conversation` for training data. Every
+    The one place that calls :func:`~lightning_ft.data.collate.encode_conversations` for training data. Every
     input row gives one output row with a ``status`` (kept, dropped by truncation, no trained token, template
     error), so the counts of a cache entry come from the entry itself.
     """
@@ -63,21 +63,20 @@ def encode_batch(batch: dict[str, list], *, tokenizer: Any, chat_template: str |
     conversations = [[{k: v for k, v in m.items() if v is not None} for m in chat] for chat in batch["messages"]]
     out: dict[str, list] = {key: [] for key in ("input_ids", "labels", "length", "trained", "lost", "truncated",
                                                 "status", "error", "row", "part")}
-    for messages, row, part in zip(conversations, batch["row"], batch["part"]):
-        status, error, trained, lost, cut = KEPT, "", 0, 0, False
-        try:
-            example = encode_conversation(messages, tokenizer, chat_template=chat_template, **labelling)
-        except EmptyLabelsError as problem:
-            status, error, example = NO_LABELS, str(problem), None
-        except ValueError as problem:  # a template problem, the same for every conversation
-            status, error, example = TEMPLATE_ERROR, str(problem), None
-        if example is not None:
-            full_trained = count_trained(example["labels"])
-            kept = truncate_example(example, max_length, truncation)
+    results = encode_conversations(conversations, tokenizer, chat_template=chat_template, **labelling)
+    for result, row, part in zip(results, batch["row"], batch["part"]):
+        status, error, trained, lost, cut, example = KEPT, "", 0, 0, False, None
+        if isinstance(result, EmptyLabelsError):
+            status, error = NO_LABELS, str(result)
+        elif isinstance(result, ValueError):  # a template problem, the same for every conversation
+            status, error = TEMPLATE_ERROR, str(result)
+        else:
+            full_trained = count_trained(result["labels"])
+            kept = truncate_example(result, max_length, truncation)
             if kept is None:
-                status, example = DROPPED, None
+                status = DROPPED
             else:
-                cut, trained = kept is not example, count_trained(kept["labels"])
+                cut, trained = kept is not result, count_trained(kept["labels"])
                 lost, example = full_trained - trained, kept
                 if not trained:
                     status, example = NO_LABELS, None
@@ -122,10 +121,30 @@ def encoding_key(conversations: Any, tokenizer: Any, chat_template: str | None, 
     return hashlib.sha256((settings + _digest(conversations, ["messages", "row", "part"])).encode()).hexdigest()
 
 
-def _entry_record(encoded: Any) -> dict[str, Any]:
+def _file_digest(files: list[Path], columns: list[str]) -> str:
+    """A content hash of ``columns`` of Arrow stream files, read a record batch at a time.
+
+    Read, not memory-mapped: every page of a mapped file read stays in the process's resident memory, and
+    the token ids are the largest data of a run.
+    """
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    for file in files:
+        with pa.OSFile(str(file)) as source:
+            for batch in pa.ipc.open_stream(source):
+                sink = pa.BufferOutputStream()
+                selected = batch.select(columns)
+                with pa.ipc.new_stream(sink, selected.schema) as writer:
+                    writer.write_batch(selected)
+                digest.update(sink.getvalue())
+    return digest.hexdigest()
+
+
+def _entry_record(encoded: Any, files: list[Path]) -> dict[str, Any]:
     lengths = np.asarray(encoded.data.column("length").to_numpy(), dtype=np.int64)
     return {"version": ENCODING_VERSION, "rows": len(encoded), "tokens": int(lengths.sum()),
-            "checksum": _digest(encoded, ["input_ids", "labels"])}
+            "checksum": _file_digest(files, ["input_ids", "labels"])}
 
 
 def _load_entry(path: Path) -> Any | None:
@@ -143,7 +162,7 @@ def _load_entry(path: Path) -> Any | None:
         consistent = (np.array_equal(lengths, encoded.data.column("length").to_numpy())
                       and np.array_equal(lengths, pc.list_value_length(encoded.data.column("labels"))
                                          .to_numpy(zero_copy_only=False)))
-        actual = _entry_record(encoded)
+        actual = _entry_record(encoded, [path / name for name in record["shards"]])
     except Exception as error:  # noqa: BLE001 - any unreadable entry is rebuilt, never trusted
         rank_zero_warn(f"Encode cache entry {path.name} is unreadable ({type(error).__name__}): re-encoding.")
         return None
@@ -167,7 +186,7 @@ def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None
         chat_template: Overrides the tokenizer's template.
         max_length: Longest example; see ``truncation`` (``cut`` or ``drop``).
         truncation: ``cut`` keeps the first ``max_length`` tokens, ``drop`` marks the row dropped.
-        labelling: ``stop_tokens``, ``masking`` and ``train_reasoning`` for ``encode_conversation``.
+        labelling: ``stop_tokens``, ``masking`` and ``train_reasoning`` for ``encode_conversations``.
         num_proc: Worker processes for large data.
         cache: Serve and store the result under ``$LIGHTNING_FT_CACHE/encoded`` (validated before use).
         description: The progress line's label.
@@ -188,7 +207,7 @@ def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None
     try:
         with datasets_progress(len(conversations)):
             encoded = conversations.map(
-                encode_batch, batched=True, batch_size=256, num_proc=procs, desc=description, features=_features(),
+                encode_batch, batched=True, batch_size=512, num_proc=procs, desc=description, features=_features(),
                 remove_columns=conversations.column_names, cache_file_name=str(staging / "data.arrow"),
                 new_fingerprint=(key or os.urandom(16).hex())[:32],
                 fn_kwargs={"tokenizer": tokenizer, "chat_template": chat_template, "max_length": max_length,
@@ -209,7 +228,7 @@ def _store(target: Path, staging: Path, encoded: Any) -> None:
             for name in shards:
                 os.link(staging / name, entry / name) if _same_device(staging, entry) else \
                     shutil.copyfile(staging / name, entry / name)
-            record = {**_entry_record(encoded), "shards": shards}
+            record = {**_entry_record(encoded, [entry / name for name in shards]), "shards": shards}
             (entry / "entry.json").write_text(json.dumps(record))
     except OSError:
         pass

@@ -259,26 +259,35 @@ def _expand(path: str) -> list[str]:
     return [pattern]
 
 
-def _open(source: Source) -> list[tuple[str, Any, str, bool, list[DataProblem]]]:
-    """Every part of a source as ``(label, dataset, unit, holds JSON text, problems)``."""
-    if _is_hub_id(source.path):
-        return [(source.label, _open_hub(source), "row", False, [])]
+def local_parts(source: Source) -> list[tuple[str, str, bool]]:
+    """``(label, path, is a saved dataset)`` of every local file or saved dataset of a source, checked to be one.
+
+    Raises:
+        SourceError: A missing file, an unsupported file type, or a directory no ``save_to_disk`` wrote.
+    """
     parts = []
     for file in _expand(source.path):
         path = Path(file)
         if path.is_dir():
             if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
                 raise SourceError(file, "is a directory but not one written by Dataset.save_to_disk")
-            label = f"{file}[{source.split}]" if source.split else file
-            parts.append((label, _open_saved(path, source), "row", False, []))
+            parts.append((f"{file}[{source.split}]" if source.split else file, file, True))
         elif not path.is_file():
             raise SourceError(file, "file not found")
         elif path.suffix not in SUFFIXES:
             raise SourceError(file, f"unsupported file type {path.suffix!r} (allowed: {', '.join(SUFFIXES)}, "
                               "a saved dataset directory, or a Hub id)")
         else:
-            parts.append((file, *_open_file(file)))
+            parts.append((file, file, False))
     return parts
+
+
+def _open(source: Source) -> list[tuple[str, Any, str, bool, list[DataProblem]]]:
+    """Every part of a source as ``(label, dataset, unit, holds JSON text, problems)``."""
+    if _is_hub_id(source.path):
+        return [(source.label, _open_hub(source), "row", False, [])]
+    return [(label, _open_saved(Path(file), source), "row", False, []) if saved else (file, *_open_file(file))
+            for label, file, saved in local_parts(source)]
 
 
 # -- records -> conversations -------------------------------------------------------------------------
@@ -488,3 +497,75 @@ def read_conversations_from(spec: str | os.PathLike | Source, format: str = "aut
     if data.problems:
         raise DataError(data.problems)
     return data.conversations()
+
+
+# -- raw records, for record shapes other than chat conversations --------------------------------------
+@dataclass
+class RecordPart:
+    """The records of one part of a source (a file, a saved dataset, a Hub split) as Python values.
+
+    Attributes:
+        label: How errors name the part (the file, or the dataset with its split).
+        unit: What ``row`` counts: ``line`` (JSONL), ``record`` (JSON list) or ``row`` (tables, datasets).
+        records: ``(row, record)`` pairs, the record after the source's ``columns`` mapping.
+    """
+
+    label: str
+    unit: Literal["line", "record", "row"]
+    records: list[tuple[int, Any]]
+
+    def location(self, row: int) -> str:
+        """``file:line``, ``file:record N`` or ``source:row N``."""
+        return format_location(self.label, row, self.unit)
+
+
+def _part_records(label: str, ds: Any, unit: str, text: bool,
+                  columns: dict[str, str] | None) -> tuple[list[tuple[int, Any]], list[DataProblem]]:
+    """Numbered records of one opened part, as :func:`convert_batch` numbers them; bad JSON lines as problems."""
+    records, problems = [], []
+    for start in range(0, len(ds), 1000):
+        batch = ds[start:start + 1000]
+        numbers = batch.get("number")
+        for position in range(len(next(iter(batch.values())))):
+            index = start + position
+            row = numbers[position] if numbers is not None else (index + 1 if text else index)
+            if not text:
+                records.append((row, _renamed({key: batch[key][position] for key in batch}, columns)))
+                continue
+            line = batch["text"][position]
+            if not line.strip():
+                continue
+            try:
+                records.append((row, _renamed(json.loads(line), columns)))
+            except json.JSONDecodeError as error:
+                problems.append(DataProblem(label, row, None, f"invalid JSON: {error.msg} (column {error.colno})", unit))
+            except RecursionError:
+                problems.append(DataProblem(label, row, None, "invalid record: JSON nested too deeply", unit))
+    return records, problems
+
+
+def read_records(spec: str | os.PathLike | Source) -> tuple[list[RecordPart], list[DataProblem]]:
+    """Every record of a source as a Python value, located as users find it; never raises on bad data.
+
+    For record shapes that are not chat conversations (preference pairs): the same files, globs, saved
+    datasets, Hub ids and ``columns`` mapping as :func:`read_source`, without the conversion. Table cells keep
+    their Arrow values (lists of ``{role, content}`` stay lists; CSV holds text).
+
+    Returns:
+        One :class:`RecordPart` per file or dataset, and the problems found while reading: a source that cannot
+        be read at all, an empty part, a line that is not JSON.
+    """
+    source = as_source(spec)
+    try:
+        opened = _open(source)
+    except SourceError as error:
+        return [], [DataProblem(error.label, None, None, error.message)]
+    parts, problems = [], []
+    for label, ds, unit, text, unreadable in opened:
+        records, found = _part_records(label, ds, unit, text, source.columns) if ds is not None else ([], [])
+        problems += unreadable + found
+        if not records and not unreadable and not found:
+            problems.append(DataProblem(label, None, None, "no records (it is empty)"))
+        if ds is not None:
+            parts.append(RecordPart(label, unit, records))
+    return parts, problems

@@ -13,12 +13,14 @@ from lightning_ft.forgetting.benchmark import (
     stratified_sample,
 )
 from lightning_ft.forgetting.drift import DEFAULT_PROMPTS, build_reference, encode_prompts, kl_sum, read_prompts
+from lightning_ft.forgetting.history import CheckRecord
 from lightning_ft.forgetting.probe import ForgettingProbe
 
 __all__ = [
     "DEFAULT_BENCHMARK",
     "DEFAULT_PROMPTS",
     "BenchmarkError",
+    "CheckRecord",
     "ForgettingProbe",
     "MCItem",
     "build_reference",

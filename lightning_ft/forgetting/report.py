@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from lightning_ft.forgetting.history import CheckRecord
 
 
 def _rows(baseline: Mapping[str, float], final: Mapping[str, float], metric: str) -> list[str]:
@@ -17,27 +18,27 @@ def _rows(baseline: Mapping[str, float], final: Mapping[str, float], metric: str
     return [key for key in head + lm_eval + subjects if key in final]
 
 
-def summary_table(history: Sequence[Mapping[str, Any]], metric: str = "acc",
+def summary_table(history: Sequence[CheckRecord], metric: str = "acc",
                   time_share: float | None = None) -> Table:
     """Baseline (the first record), final (the last) and the change, with where thresholds were crossed.
 
     Args:
-        history: Records ``{"step", "metrics", "ok", "seconds"}`` as :class:`~lightning_ft.ForgettingCheck` keeps them.
+        history: The records of :class:`~lightning_ft.ForgettingCheck`, the baseline first.
         metric: ``"acc"`` or ``"acc_norm"``: which per-subject accuracy to list.
         time_share: Fraction of wall time spent scoring, for the caption.
     """
     first, last = history[0], history[-1]
-    table = Table(title=f"Forgetting check: baseline (step {first['step']}) vs final (step {last['step']})")
+    table = Table(title=f"Forgetting check: baseline (step {first.step}) vs final (step {last.step})")
     for column in ("metric", "baseline", "final", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for key in _rows(first["metrics"], last["metrics"], metric):
-        before, after = first["metrics"][key], last["metrics"][key]
+    for key in _rows(first.metrics, last.metrics, metric):
+        before, after = first.metrics[key], last.metrics[key]
         change = after - before
         worse = change > 0 if key == "kl" else change < 0
         shown = f"[red]{change:+.4f}[/red]" if worse and abs(change) > 1e-12 else f"{change:+.4f}"
         table.add_row(key, f"{before:.4f}", f"{after:.4f}", shown)
-    failed = [record["step"] for record in history if not record["ok"]]
-    notes = [f"{len(history)} checks, {sum(record['seconds'] for record in history):.1f} s scoring"]
+    failed = [record.step for record in history if not record.ok]
+    notes = [f"{len(history)} checks, {sum(record.seconds for record in history):.1f} s scoring"]
     if time_share is not None:
         notes.append(f"{time_share:.1%} of training wall time")
     notes.append(f"thresholds crossed at step {', '.join(map(str, failed))}" if failed else "within thresholds")
@@ -45,6 +46,6 @@ def summary_table(history: Sequence[Mapping[str, Any]], metric: str = "acc",
     return table
 
 
-def print_summary(history: Sequence[Mapping[str, Any]], metric: str = "acc", time_share: float | None = None) -> None:
+def print_summary(history: Sequence[CheckRecord], metric: str = "acc", time_share: float | None = None) -> None:
     """Print :func:`summary_table` to standard output."""
     Console().print(summary_table(history, metric, time_share))

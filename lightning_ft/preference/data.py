@@ -1,6 +1,7 @@
 """Preference data: records -> (prompt messages, chosen reply, rejected reply) -> two labelled sequences.
 
-Two record shapes are understood, in ``.jsonl`` (one per line) or ``.json`` (a list) files::
+Two record shapes are understood, from any source of the data layer (:mod:`lightning_ft.data.sources`: JSONL,
+JSON lists, Parquet, CSV, Arrow, globs, saved datasets, Hub ids, with a ``columns`` mapping)::
 
     explicit prompt   {"prompt": "..." | [messages], "chosen": "..." | [messages], "rejected": "..." | [messages]}
     conversations     {"chosen": [messages], "rejected": [messages]}      (UltraFeedback style)
@@ -17,6 +18,7 @@ only the final assistant reply is scored (earlier assistant turns are prompt).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,8 @@ from typing import Any
 import torch
 
 from lightning_ft.data.collate import IGNORE_INDEX, EmptyLabelsError, collate, encode_conversation
-from lightning_ft.data.formats import (DataError, DataProblem, Message, _type_name, format_location, load_records,
-                                       check_conversation)
+from lightning_ft.data.formats import DataError, DataProblem, Message, _type_name, check_conversation
+from lightning_ft.data.sources import Source, read_records
 
 SIDES = ("chosen", "rejected")
 
@@ -113,25 +115,56 @@ def parse_record(record: Any, system_prompt: str | None = None) -> tuple[Prefere
     return PreferencePair(typed, replies["chosen"], replies["rejected"], ""), []
 
 
-def scan_pairs(path: str | Path, system_prompt: str | None = None) -> tuple[list[PreferencePair], list[DataProblem]]:
-    """Read a preference file; never raises on bad data (every bad record becomes a :class:`DataProblem`)."""
-    path = str(path)
-    records, unit, problems = load_records(path)
-    if not records and not problems:
-        problems = [DataProblem(path, None, None, "no records (the file is empty)")]
+def _table_record(record: dict[str, Any], csv: bool) -> dict[str, Any]:
+    """A table row as a JSON record: empty (null) cells are absent, and a message list stored as JSON text (the way
+    CSV holds one) is parsed. CSV cells that type inference read as numbers (a reply ``3``) are text again."""
+    out = {}
+    for key, value in record.items():
+        if value is None:
+            continue
+        if csv and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if key in ("prompt", *SIDES) and isinstance(value, str) and value.lstrip()[:1] == "[":
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = None  # plain text that starts with a bracket
+            if isinstance(parsed, list) and parsed and all(isinstance(m, dict) and "role" in m for m in parsed):
+                value = parsed
+        out[key] = value
+    return out
+
+
+def scan_pairs(source: str | Path | Source,
+               system_prompt: str | None = None) -> tuple[list[PreferencePair], list[DataProblem]]:
+    """Read preference pairs from a source; never raises on bad data (every bad record becomes a :class:`DataProblem`).
+
+    Args:
+        source: A ``.jsonl``/``.json``/``.parquet``/``.csv``/``.arrow`` file, a glob of them, a
+            ``Dataset.save_to_disk`` directory, a Hub dataset id, or a :class:`~lightning_ft.data.sources.Source`
+            (with ``subset``, ``split``, ``revision`` and a ``columns`` mapping onto ``prompt``/``chosen``/``rejected``).
+        system_prompt: System message inserted into prompts that have none.
+
+    Returns:
+        The good pairs, each with its ``file:line`` (``source:row N`` for tables and datasets), and every problem.
+    """
+    parts, problems = read_records(source if isinstance(source, Source) else str(source))
     pairs = []
-    for number, record in records:
-        pair, issues = parse_record(record, system_prompt)
-        problems += [DataProblem(path, number, field, text, unit) for field, text in issues]
-        if pair is not None:
-            pairs.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected, format_location(path, number, unit)))
-    problems.sort(key=lambda problem: problem.line or 0)
+    for part in parts:
+        for number, record in part.records:
+            if part.unit == "row" and isinstance(record, dict):
+                record = _table_record(record, csv=part.label.endswith(".csv"))
+            pair, issues = parse_record(record, system_prompt)
+            problems += [DataProblem(part.label, number, field, text, part.unit) for field, text in issues]
+            if pair is not None:
+                pairs.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected, part.location(number)))
+    problems.sort(key=lambda problem: (problem.path, problem.line or 0))
     return pairs, problems
 
 
-def read_pairs(path: str | Path, system_prompt: str | None = None) -> list[PreferencePair]:
+def read_pairs(source: str | Path | Source, system_prompt: str | None = None) -> list[PreferencePair]:
     """Like :func:`scan_pairs`, but raise one :class:`DataError` listing every problem if there are any."""
-    pairs, problems = scan_pairs(path, system_prompt)
+    pairs, problems = scan_pairs(source, system_prompt)
     if problems:
         raise DataError(problems)
     return pairs

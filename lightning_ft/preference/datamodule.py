@@ -15,9 +15,15 @@ from lightning_ft.data.checks import enforce
 from lightning_ft.data.collate import EmptyLabelsError
 from lightning_ft.data.formats import DataError, DataProblem
 from lightning_ft.data.sampling import ResumableDataLoader, ResumableSampler
+from lightning_ft.data.sources import Source
 from lightning_ft.models import generation_stop_ids, load_tokenizer
 from lightning_ft.preference.checks import lint_pairs
 from lightning_ft.preference.data import PairCollator, PreferencePair, encode_pair, scan_pairs
+
+
+def _as_spec(spec: str | Source | Any) -> str | Source:
+    """A Source stays one (its ``subset``/``split``/``columns`` matter); anything else is a path string."""
+    return spec if isinstance(spec, Source) else str(spec)
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -29,8 +35,12 @@ class PreferenceDataModule(LightningDataModule):
     ``batch_size`` pairs: their chosen sides, then their rejected sides (:func:`~lightning_ft.preference.collate_pairs`).
 
     Args:
-        train_path: Training pairs, ``.jsonl`` (one record per line) or ``.json`` (a list of records).
-        val_path: Validation pairs. Leave unset to split ``val_fraction`` off the training pairs.
+        train_path: Training pairs: a ``.jsonl`` (one record per line), ``.json`` (a list of records), ``.parquet``,
+            ``.csv`` or ``.arrow`` file, a glob of them, a ``Dataset.save_to_disk`` directory or a Hugging Face Hub
+            dataset id; or a :class:`~lightning_ft.data.sources.Source` (``path`` plus ``subset``, ``split``,
+            ``revision`` and a ``columns`` mapping onto ``prompt``/``chosen``/``rejected``).
+        val_path: Validation pairs, from the same kinds of source. Leave unset to split ``val_fraction`` off the
+            training pairs.
         val_fraction: Share of training pairs held out for validation (seeded) when there is no ``val_path``.
         tokenizer: Model spec whose tokenizer to use; the CLI links it from the model's ``model_name``.
             Python users may instead assign a tokenizer object to :attr:`tokenizer_obj`.
@@ -51,8 +61,8 @@ class PreferenceDataModule(LightningDataModule):
 
     def __init__(
         self,
-        train_path: str | None = None,
-        val_path: str | None = None,
+        train_path: str | Source | None = None,
+        val_path: str | Source | None = None,
         val_fraction: float = 0.0,
         tokenizer: str | None = None,
         chat_template: str | None = None,
@@ -74,12 +84,15 @@ class PreferenceDataModule(LightningDataModule):
                                 ("num_workers", num_workers, 0)):
             if value < low:
                 problems.append(f"{key}={value!r}: must be an integer >= {low}")
+        for key, spec in (("train_path", train_path), ("val_path", val_path)):
+            if isinstance(spec, Source):
+                problems += [f"{key}: {problem}" for problem in spec.problems()]
         if checks not in ("warn", "strict", "off"):
             problems.append(f"checks={checks!r}: must be one of: warn, strict, off")
         if problems:
             raise ValueError("Invalid PreferenceDataModule arguments:\n  " + "\n  ".join(problems))
-        self.train_path = None if train_path is None else str(train_path)
-        self.val_path = None if val_path is None else str(val_path)
+        self.train_path = None if train_path is None else _as_spec(train_path)
+        self.val_path = None if val_path is None else _as_spec(val_path)
         self.val_fraction = float(val_fraction)
         self.tokenizer, self.chat_template, self.system_prompt = tokenizer, chat_template, system_prompt
         self.batch_size, self.max_length, self.pad_to_multiple_of = batch_size, max_length, pad_to_multiple_of
@@ -95,7 +108,8 @@ class PreferenceDataModule(LightningDataModule):
     def scan(self) -> tuple[dict[str, list[PreferencePair]], list[DataProblem]]:
         """Read the files without raising on bad records: the good pairs per file and every problem."""
         if self.train_path is None and self.val_path is None:
-            raise ValueError("PreferenceDataModule has no data: set train_path (a .jsonl or .json file).")
+            raise ValueError("PreferenceDataModule has no data: set train_path (a data file, glob, saved dataset or "
+                             "Hub id).")
         data, problems = {}, []
         for split, path in (("train", self.train_path), ("val", self.val_path)):
             if path is not None:
@@ -153,7 +167,8 @@ class PreferenceDataModule(LightningDataModule):
         if problems:
             raise DataError(problems)
         if self.train_path is None and stage in (None, "fit"):
-            raise ValueError("PreferenceDataModule has no training data: set train_path (a .jsonl or .json file).")
+            raise ValueError("PreferenceDataModule has no training data: set train_path (a data file, glob, saved "
+                             "dataset or Hub id).")
         train, val = self.split(data)
         if self.checks != "off":
             enforce(lint_pairs({"train": train, "val": val}), self.checks, "lightning_ft preference check-data")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch.utils.checkpoint import checkpoint
 
 from peft import PeftConfig
 
 from lightning_ft.adapters import FullFineTune, LoRA, QLoRA
+from lightning_ft.callbacks.validate_at_start import ValidateAtStart
 from lightning_ft.models import DEFAULT_MODEL, unwrap_peft
-from lightning_ft.module import IGNORE_INDEX, FineTuneModule
+from lightning_ft.module import HPARAMS_IGNORED, IGNORE_INDEX, FineTuneModule
 from lightning_ft.preference.losses import LENGTH_NORMALISED, LOSSES, NEEDS_REFERENCE, LossName, preference_loss
 from lightning_ft.schedules import DecayName
 
@@ -95,8 +98,8 @@ class PreferenceModule(FineTuneModule):
         reference: Where DPO/IPO's reference log-probabilities come from: ``auto`` (adapter disabled, or a
             frozen copy for full fine-tuning), ``copy`` (always a frozen copy) or ``precomputed``.
         learning_rate: Peak learning rate; ``None`` picks the method's default.
-        weight_decay: AdamW weight decay for weight matrices.
-        betas: AdamW betas.
+        weight_decay: Weight decay for weight matrices (never applied to norms and biases).
+        betas: AdamW betas (the default optimizer's).
         warmup_ratio: Fraction of the run spent in linear warmup.
         warmup_steps: Explicit warmup steps.
         decay: Shape after warmup: cosine, linear or constant.
@@ -108,6 +111,10 @@ class PreferenceModule(FineTuneModule):
         trained_logits_only: Run the output head only at scored positions (same values, less memory).
         logits_chunk_size: Scored positions per chunk of head + log-softmax.
         compile: Compile each decoder layer with ``torch.compile``.
+        validate_at_start: Validate once before the first step (:class:`~lightning_ft.callbacks.ValidateAtStart`),
+            so ``val/rewards/*`` start at the untrained model; a resumed run is not validated again.
+        optimizer: The optimizer class (``None``: AdamW), as :class:`~lightning_ft.FineTuneModule`'s.
+        lr_scheduler: A scheduler class stepped every optimizer step (``None``: warmup and decay).
     """
 
     def __init__(
@@ -134,10 +141,14 @@ class PreferenceModule(FineTuneModule):
         trained_logits_only: bool = True,
         logits_chunk_size: int = 1024,
         compile: bool = False,
+        validate_at_start: bool = True,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(model_name, adapter, learning_rate, weight_decay, betas, warmup_ratio, warmup_steps, decay,
                          min_lr_ratio, chat_template, dtype, attn_implementation, gradient_checkpointing,
-                         trained_logits_only, logits_chunk_size, 0.0, compile)
+                         trained_logits_only, logits_chunk_size, 0.0, compile, optimizer=optimizer,
+                         lr_scheduler=lr_scheduler)
         problems = []
         if loss not in LOSSES:
             problems.append(f"loss={loss!r} must be one of {', '.join(LOSSES)}")
@@ -155,9 +166,10 @@ class PreferenceModule(FineTuneModule):
             problems.append("prompt-learning adapters are not supported (their virtual tokens shift the scored positions)")
         if problems:
             raise ValueError("Invalid PreferenceModule settings: " + "; ".join(problems))
-        self.save_hyperparameters(ignore=["adapter"])
+        self.save_hyperparameters(ignore=HPARAMS_IGNORED)
         self.hparams["learning_rate"] = self.learning_rate
         self._val_totals: torch.Tensor | None = None
+        self._first_step_written = False
 
     @property
     def uses_reference(self) -> bool:
@@ -230,7 +242,28 @@ class PreferenceModule(FineTuneModule):
         self.seen_tokens["trained_tokens"] += int((batch["labels"] != IGNORE_INDEX).sum())
         self.log("train/tokens", float(self.seen_tokens["tokens"]), reduce_fx="max")
         self._step_tokens = n_tokens
+        self._write_first_step(loss.detach(), logged)
         return loss
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """FineTuneModule's, and :class:`~lightning_ft.callbacks.ValidateAtStart` unless turned off or already there."""
+        callbacks = list(super().configure_callbacks())
+        if self.hparams.validate_at_start and not any(isinstance(c, ValidateAtStart) for c in self.trainer.callbacks):
+            callbacks.append(ValidateAtStart())
+        return callbacks
+
+    def _write_first_step(self, loss: torch.Tensor, logged: dict[str, torch.Tensor]) -> None:
+        """Write step 0's values to the loggers: Lightning's first write is at step ``log_every_n_steps - 1``, and
+        step 0 is the value every curve starts from (DPO with an adapter: exactly ln 2)."""
+        if self._first_step_written or self.trainer.global_step > 0 or self.trainer.log_every_n_steps <= 1:
+            return
+        self._first_step_written = True
+        names = ["train/loss", *(f"train/{name}" for name in logged)]
+        row = torch.stack([loss.float(), *(values.float().mean() for values in logged.values())])
+        row = self.trainer.strategy.reduce(row, reduce_op="mean")  # every rank's first batch, as Lightning's sync
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(dict(zip(names, row.tolist())), step=0)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Nothing to rescale: the loss is a mean over pairs (FineTuneModule's per-token scaling does not apply)."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
+from typing_extensions import override
 
 from lightning_ft.callbacks.dashboard import TensorBoardDashboard
 from lightning_ft.callbacks.forgetting import ForgettingCheck
@@ -47,22 +48,26 @@ class PruneOnForgetting(pl.Callback):
 
     def _stop_if_alarmed(self, trainer: pl.Trainer) -> None:
         history = self.check.history
-        alarmed = len(history) > 1 and not history[-1]["ok"] and self.pruned_at is None
+        alarmed = len(history) > 1 and not history[-1].ok and self.pruned_at is None
         if trainer.strategy.reduce_boolean_decision(alarmed, all=False):
-            self.pruned_at = history[-1]["step"]
+            self.pruned_at = history[-1].step
             trainer.should_stop = True
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._stop_if_alarmed(trainer)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._stop_if_alarmed(trainer)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"pruned_at": self.pruned_at}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.pruned_at = state_dict["pruned_at"]
 
@@ -109,20 +114,20 @@ def run_trial(fit_args: list[str], prune: bool = True) -> RunResult:
         # The final weights' loss, whatever the validation schedule of the config.
         val_loss = float(trainer.validate(module, datamodule=data, verbose=False)[0]["val/loss"])
     history, metric = forgetting.history, forgetting.metric
-    base, final = history[0]["metrics"], history[-1]["metrics"]
-    kls = [record["metrics"]["kl"] for record in history if "kl" in record["metrics"]]
+    base, final = history[0].metrics, history[-1].metrics
+    kls = [record.metrics["kl"] for record in history if "kl" in record.metrics]
     result = RunResult(
         learning_rate=float(module.learning_rate), steps=trainer.global_step, val_loss=val_loss,
         acc_baseline=base.get(metric), acc_final=final.get(metric),
         acc_drop=base[metric] - final[metric] if metric in final else None,
-        max_acc_drop=max(base[metric] - record["metrics"][metric] for record in history) if metric in final else None,
+        max_acc_drop=max(base[metric] - record.metrics[metric] for record in history) if metric in final else None,
         kl_final=final.get("kl"), max_kl=max(kls) if kls else None,
-        within_thresholds=all(record["ok"] for record in history), seconds=time.perf_counter() - started,
+        within_thresholds=all(record.ok for record in history), seconds=time.perf_counter() - started,
         state="pruned" if pruner.pruned_at is not None else "complete", budget_steps=trainer.max_steps,
         pruned_at=pruner.pruned_at,
     )
     if task_evals:
-        result.success_rate, result.success_baseline = task_evals[0].history[-1]["success_rate"], task_evals[0].baseline
+        result.success_rate, result.success_baseline = task_evals[0].history[-1].success_rate, task_evals[0].baseline
     _log_hparams(trainer, result)
     return result
 

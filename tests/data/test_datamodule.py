@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_TOKENIZER_DIR
 
 from lightning_ft.data import encode
-from lightning_ft.data.collate import IGNORE_INDEX, encode_conversation
+from lightning_ft.data.collate import IGNORE_INDEX, encode_conversations
 from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.data.formats import DataError
 
@@ -191,7 +191,8 @@ def test_masking_stop_tokens_and_reasoning_reach_the_encoder(tmp_path, monkeypat
     ids, labels = data.train_examples[0]["input_ids"], data.train_examples[0]["labels"]
     assert data.tokenizer_obj.decode([t for t, label in zip(ids, labels) if label == IGNORE_INDEX]) == "Yo<|im_end|>"
     seen = []
-    monkeypatch.setattr(encode, "encode_conversation", lambda *a, **kw: seen.append(kw) or encode_conversation(*a, **kw))
+    monkeypatch.setattr(encode, "encode_conversations",
+                        lambda *a, **kw: seen.append(kw) or encode_conversations(*a, **kw))
     assert trained(stop_tokens=["<|endoftext|>"], train_reasoning=False, masking="last_assistant") == "Hello there.<|im_end|>"
     assert seen == [{"chat_template": None, "stop_tokens": ["<|endoftext|>"], "masking": "last_assistant",
                      "train_reasoning": False}]

@@ -11,7 +11,13 @@ import copy
 import pytest
 
 from helpers import chat_template_ids, trained_spans
-from lightning_ft.data.collate import _WARNED, IGNORE_INDEX, EmptyLabelsError, encode_conversation
+from lightning_ft.data.collate import (
+    _WARNED,
+    IGNORE_INDEX,
+    EmptyLabelsError,
+    encode_conversation,
+    encode_conversations,
+)
 from lightning_ft.data.labels import TemplateRefusedError
 
 CONVERSATION = [
@@ -120,6 +126,8 @@ def check(tokenizer, messages, expected, appended_eos=False, **kwargs):
     reference = chat_template_ids(tokenizer, messages) + ([tokenizer.eos_token_id] if appended_eos else [])
     assert example["input_ids"] == reference
     assert trained_spans(tokenizer, example) == expected
+    # The batched encoder (one render call, one tokenisation of the batch) gives each conversation the same.
+    assert encode_conversations([messages, messages], tokenizer, **kwargs) == [example, example]
     return example
 
 
@@ -201,6 +209,10 @@ def test_template_that_raises_is_refused_with_its_own_message(tiny_tokenizer):
     with pytest.raises(TemplateRefusedError, match=r"refuses this conversation: System role not supported\. "
                                                    r"To train on it, set `data.system_prompt: null`"):
         encode_conversation(WITH_SYSTEM, tokenizer)
+    # In a batch only the refused conversation fails; the others are encoded as alone.
+    alone, refused, again = encode_conversations([CONVERSATION, WITH_SYSTEM, CONVERSATION], tokenizer)
+    assert alone == again == encode_conversation(CONVERSATION, tokenizer)
+    assert isinstance(refused, TemplateRefusedError) and "System role not supported" in str(refused)
 
 
 def test_r1_like_generation_prompt_the_finished_turn_never_contains(tiny_tokenizer):

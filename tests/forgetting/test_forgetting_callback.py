@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from lightning_ft import FineTuneModule, FullFineTune, LoRA
 from lightning_ft import ForgettingCheck as ExportedCheck
 from lightning_ft.callbacks import ForgettingCheck
+from lightning_ft.forgetting import CheckRecord
 
 
 def check(tmp_path, **kwargs) -> ForgettingCheck:
@@ -45,12 +46,12 @@ def test_baseline_before_first_step_then_kl_grows_and_stop_action_ends_training(
     callback = check(tmp_path, every_n_steps=1, max_kl=1e-9, max_accuracy_drop=None, action="stop", top_k=16)
     trainer = fit(module, tmp_path, [callback], steps=10)
     baseline, after = callback.history
-    assert baseline["step"] == 0 and baseline["metrics"]["kl"] == 0.0 and baseline["ok"]
-    assert after["step"] == 1 and after["metrics"]["kl"] > 1e-6 and not after["ok"]
+    assert baseline.step == 0 and baseline.metrics["kl"] == 0.0 and baseline.ok
+    assert after.step == 1 and after.metrics["kl"] > 1e-6 and not after.ok
     assert trainer.should_stop and trainer.global_step == 1  # stopped at the first check that crossed max_kl
     assert (callback.probe.reference is None) == (adapter == "lora")  # LoRA needs no cached base
     assert trainer.callback_metrics["forgetting/ok"].item() == 0.0
-    assert trainer.callback_metrics["forgetting/score"].item() == pytest.approx(after["metrics"]["acc"] - 2.0)
+    assert trainer.callback_metrics["forgetting/score"].item() == pytest.approx(after.metrics["acc"] - 2.0)
     assert module.model.training  # train mode restored after each check
 
 
@@ -58,14 +59,14 @@ def test_warn_action_warns_loudly_and_keeps_training(tiny_model_dir, tmp_path):
     callback = check(tmp_path, every_n_steps=2, max_kl=1e-9, action="warn")
     with pytest.warns(UserWarning, match=r"FORGETTING at step 2: KL from the base model is .*, above max_kl=1e-09"):
         trainer = fit(lora_module(tiny_model_dir), tmp_path, [callback], steps=4)
-    assert trainer.global_step == 4 and [record["step"] for record in callback.history] == [0, 2, 4]
+    assert trainer.global_step == 4 and [record.step for record in callback.history] == [0, 2, 4]
     assert trainer.progress_bar_metrics["forgetting/ok"] == 0.0
     assert "forgetting/acc" in trainer.progress_bar_metrics
 
 
 def test_accuracy_drop_threshold(tiny_model_dir, tmp_path):
     callback = check(tmp_path, max_accuracy_drop=0.0, action="warn")
-    callback.history = [{"step": 0, "metrics": {"acc": 0.5, "acc_norm": 0.5, "kl": 0.0}, "ok": True, "seconds": 0.0}]
+    callback.history = [CheckRecord(step=0, metrics={"acc": 0.5, "acc_norm": 0.5, "kl": 0.0}, ok=True, seconds=0.0)]
     assert callback._failures({"acc": 0.5, "kl": 3.0}) == []
     assert callback._failures({"acc": 1 / 3, "kl": 0.0}) == [
         "acc fell 0.167 below the baseline (0.500 -> 0.333), more than max_accuracy_drop=0.0"]
@@ -77,7 +78,7 @@ def test_validation_logs_for_model_checkpoint_and_tensorboard(tiny_model_dir, tm
     logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb")
     trainer = fit(lora_module(tiny_model_dir, 5e-3), tmp_path, [callback, checkpoint], steps=4,
                   val_check_interval=2, enable_checkpointing=True, logger=logger, num_sanity_val_steps=1)
-    assert [record["step"] for record in callback.history] == [0, 2, 4]  # sanity check not scored
+    assert [record.step for record in callback.history] == [0, 2, 4]  # sanity check not scored
     scores = [callback._score(record) for record in callback.history[1:]]
     assert checkpoint.best_model_path and checkpoint.best_model_score.item() == pytest.approx(max(scores))
     metrics = trainer.callback_metrics
@@ -115,7 +116,7 @@ def test_resume_keeps_the_baseline_and_does_not_measure_it_again(tiny_model_dir,
     second.probe.measure = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
     trainer = fit(lora_module(tiny_model_dir), tmp_path, [second], steps=3, ckpt_path=tmp_path / "resume.ckpt")
     assert trainer.global_step == 3 and len(calls) == 1  # only step 3: the baseline came from the checkpoint
-    assert second.history[:2] == first.history and second.history[-1]["step"] == 3
+    assert second.history[:2] == first.history and second.history[-1].step == 3
 
 
 def test_end_of_fit_summary_table(tiny_model_dir, tmp_path, capsys):
@@ -150,8 +151,8 @@ def test_user_lightning_module_with_model_attr_and_tokenizer_spec(tiny_model_dir
     trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                          enable_model_summary=False, callbacks=[callback])
     trainer.fit(Plain(), loader)
-    assert [record["step"] for record in callback.history] == [0, 2]
-    assert callback.history[-1]["metrics"]["kl"] > 0.0  # full fine-tuning: KL against the cached top-k
+    assert [record.step for record in callback.history] == [0, 2]
+    assert callback.history[-1].metrics["kl"] > 0.0  # full fine-tuning: KL against the cached top-k
     missing = check(tmp_path)
     with pytest.raises(ValueError, match=r"needs the Hugging Face model at `pl_module.model`.*set `model_attr`"):
         pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False, callbacks=[missing]).fit(Plain(), loader)

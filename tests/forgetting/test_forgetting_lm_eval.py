@@ -73,6 +73,6 @@ def test_callback_runs_lm_eval_tasks_during_fit(tiny_model_dir, tmp_path, offlin
     callback = ForgettingCheck(max_items=0, max_prompts=0, lm_eval_tasks=["tiny_general"],
                                lm_eval_include_path=str(tasks), every_n_steps=1)
     trainer = fit(FineTuneModule(tiny_model_dir, adapter=LoRA(r=4)), tmp_path, [callback], steps=1)
-    assert [sorted(record["metrics"]) for record in callback.history] == [
+    assert [sorted(record.metrics) for record in callback.history] == [
         ["lm_eval/tiny_general/acc", "lm_eval/tiny_general/acc_norm"]] * 2
     assert "forgetting/lm_eval/tiny_general/acc_delta" in trainer.callback_metrics

@@ -117,3 +117,31 @@ def test_quickstart_config_runs_through_the_preference_cli(tmp_path, tiny_model_
     assert isinstance(cli.model, PreferenceModule) and cli.trainer.global_step == 2
     assert cli.model.hparams.loss == "dpo" and cli.datamodule.tokenizer == tiny_model_dir
     assert (Path(cli.trainer.log_dir) / "hf_model" / "adapter_config.json").is_file()
+
+
+def test_first_logged_values_are_step_zeros_and_validation_runs_before_training(tmp_path, tiny_model_dir, capsys):
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+
+    from lightning_ft import PlainProgressBar
+
+    module = PreferenceModule(tiny_model_dir, adapter=LoRA(r=4), learning_rate=5e-3, warmup_ratio=0.0)
+    trainer = pl.Trainer(max_steps=8, logger=CSVLogger(tmp_path), log_every_n_steps=5, check_val_every_n_epoch=2,
+                         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[PlainProgressBar()], default_root_dir=tmp_path, limit_val_batches=2)
+    trainer.fit(module, _data(tmp_path, tiny_model_dir))
+    rows = list(csv.DictReader(open(Path(trainer.log_dir) / "metrics.csv")))
+    losses = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+    assert losses[0][0] == 0 and losses[0][1] == pytest.approx(math.log(2), abs=1e-6) and losses[1][0] == 4
+    accuracy = [(int(r["step"]), float(r["val/rewards/accuracy"])) for r in rows if r.get("val/rewards/accuracy")]
+    assert accuracy[0] == (0, 0.0) and len(accuracy) == 2 and accuracy[-1][0] > 0 and accuracy[-1][1] > 0
+    out = capsys.readouterr().out
+    assert "step 1/8 (12%) | loss 0.6931" in out and "validation at step 0: " in out
+
+
+def test_validate_at_start_can_be_turned_off(tmp_path, tiny_model_dir):
+    module = PreferenceModule(tiny_model_dir, adapter=LoRA(r=4), validate_at_start=False)
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(module, _data(tmp_path, tiny_model_dir))
+    assert trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed == 0

@@ -71,14 +71,14 @@ def test_baseline_is_the_base_model_measured_before_training(fitted, tiny_model_
     prompts = [callback._prompt(item, baseline=True) for item in callback.items]
     assert prompts[0][0] == {"role": "system", "content": "Answer with a number."}
     assert callback.calls[0][2] == generate(base, tokenizer, prompts, max_new_tokens=6, batch_size=4)
-    assert callback.baseline is not None and [h["step"] for h in callback.history] == [2, 4]
+    assert callback.baseline is not None and [h.step for h in callback.history] == [2, 4]
 
 
 def test_rates_are_logged_and_samples_go_to_tensorboard(fitted):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     trainer, callback = fitted["trainer"], fitted["callback"]
-    assert float(trainer.callback_metrics["task/success_rate"]) == callback.history[-1]["success_rate"]
+    assert float(trainer.callback_metrics["task/success_rate"]) == callback.history[-1].success_rate
     assert "task/success_delta" in trainer.callback_metrics
     assert 0.0 < float(trainer.callback_metrics["task/time_share"]) < 1.0  # the cost, against the run's wall time
     assert float(trainer.callback_metrics["task/seconds"]) > 0.0
@@ -100,14 +100,16 @@ def test_summary_table_prints_baseline_and_final(fitted, capsys):
 
 def test_checkpoint_holds_state_and_resume_does_not_remeasure_the_baseline(fitted, tiny_model_dir, tmp_path):
     ckpt = fitted["log_dir"] / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, weights_only=True)["callbacks"]["TaskEval[task]"]
     callback = fitted["callback"]
-    assert state == {"baseline": callback.baseline, "history": callback.history, "validations": 2}
+    state = torch.load(ckpt, weights_only=True)["callbacks"][callback.state_key]
+    assert callback.state_key == "RecordingTaskEval{'name': 'task'}"  # Lightning's format: class and settings
+    assert state == {"baseline": callback.baseline, "validations": 2,
+                     "history": [{"step": h.step, "success_rate": h.success_rate} for h in callback.history]}
     resumed = RecordingTaskEval(fitted["test_path"], metric="regex", pattern=PATTERN, max_new_tokens=6, batch_size=4)
     module, data = make_parts(tiny_model_dir, tmp_path)
     make_trainer(tmp_path / "runs", resumed, max_steps=6).fit(module, data, ckpt_path=str(ckpt))
     assert [(baseline, step) for baseline, step, _ in resumed.calls] == [(False, 6)]
-    assert resumed.baseline == callback.baseline and [h["step"] for h in resumed.history] == [2, 4, 6]
+    assert resumed.baseline == callback.baseline and [h.step for h in resumed.history] == [2, 4, 6]
 
 
 def test_adapter_dir_and_checkpoint_generate_like_the_trained_model(fitted):

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from lightning_ft.callbacks.task_eval import TaskEval, builtin_schema_errors, schema_checker, score
+from lightning_ft.callbacks.task_eval import TaskEval, TaskRecord
+from lightning_ft.json_schema import builtin_schema_errors, schema_checker
+from lightning_ft.task_metrics import score
 from lightning_ft.data.formats import DataError
 
 TRIAGE_SCHEMA = {
@@ -120,8 +122,21 @@ def test_items_prompt_reference_max_items_and_schema_file(tmp_path):
 def test_state_dict_round_trip(tmp_path):
     path = write_items(tmp_path / "t.jsonl", ["a"])
     first = TaskEval(path, name="qa")
-    first.baseline, first.history, first._validations = 0.25, [{"step": 10, "success_rate": 0.5}], 3
+    first.baseline, first.history, first._validations = 0.25, [TaskRecord(step=10, success_rate=0.5)], 3
+    state = first.state_dict()
+    assert state["history"] == [{"step": 10, "success_rate": 0.5}]  # plain types in the checkpoint
     second = TaskEval(path, name="qa")
-    second.load_state_dict(first.state_dict())
-    assert (second.baseline, second.history, second._validations) == (0.25, [{"step": 10, "success_rate": 0.5}], 3)
-    assert second.state_key == "TaskEval[qa]" != TaskEval(path).state_key
+    second.load_state_dict(state)
+    assert (second.baseline, second.history, second._validations) == (0.25, [TaskRecord(10, 0.5)], 3)
+    assert second.state_key == "TaskEval{'name': 'qa'}" != TaskEval(path).state_key
+
+
+def test_a_checkpoint_with_the_old_state_key_still_resumes(tmp_path):
+    callback = TaskEval(write_items(tmp_path / "t.jsonl", ["a"]), name="qa")
+    state = {"baseline": 0.25, "history": [{"step": 10, "success_rate": 0.5}], "validations": 3}
+    checkpoint = {"callbacks": {"TaskEval[qa]": state}}  # written before state keys held the settings
+    callback.on_load_checkpoint(None, None, checkpoint)
+    assert checkpoint["callbacks"][callback.state_key] is state  # where Lightning's load_state_dict looks next
+    other = {"callbacks": {"TaskEval[other]": state}}
+    callback.on_load_checkpoint(None, None, other)
+    assert callback.state_key not in other["callbacks"]  # another TaskEval's state is not taken
