@@ -3,7 +3,7 @@
 Issue 14's bar as a user meets it. Ours: the quickstart config with only the data paths, ``max_length``
 (so that no conversation is cut: TRL's padding-free mode takes no ``max_length``) and ``max_epochs: 1``
 changed; no precision, packing or batching flags. The peer: TRL's ``SFTTrainer`` padding-free, its fastest
-correct setting without a varlen kernel, with the same LoRA as the quickstart (r=16, alpha=32, dropout 0.05,
+correct setting without a varlen kernel, with the same LoRA as the quickstart (read from its config: r=16, alpha=32,
 all linear layers), batch 8, learning rate and schedule, the loss on the assistant's reply only, and the
 precision ``precision: auto`` chose for us (``--fp32`` runs both in fp32, as a CPU without native bf16
 would). TRL runs with its default gradient checkpointing and without it.
@@ -107,10 +107,11 @@ def run_trl(args, train: Path, checkpointing: bool) -> dict:
         learning_rate=2e-4, warmup_steps=0.05, lr_scheduler_type="cosine", completion_only_loss=True,
         padding_free=True, max_length=None, gradient_checkpointing=checkpointing, bf16=bf16, use_cpu=True,
         report_to=[], save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, seed=42)
+    lora = quickstart_lora()
     trainer = SFTTrainer(model=load_model(DEFAULT_MODEL), args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=load_tokenizer(DEFAULT_MODEL),
-                         peft_config=LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.05,
-                                                target_modules="all-linear"))
+                         peft_config=LoraConfig(task_type="CAUSAL_LM", r=lora["r"], lora_alpha=lora["alpha"],
+                                                lora_dropout=lora["dropout"], target_modules=lora["target_modules"]))
     clock = {}
 
     class Timing(TrainerCallback):
@@ -125,6 +126,14 @@ def run_trl(args, train: Path, checkpointing: bool) -> dict:
     name = "TRL SFTTrainer padding-free" + ("" if checkpointing else ", no gradient checkpointing")
     return {"name": name, "train_s": clock["end"] - clock["start"], "validation_s": 0.0,
             "steps": trainer.state.global_step}
+
+
+def quickstart_lora() -> dict:
+    """The quickstart config's LoRA settings, so that TRL gets the same adapter."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    return config["model"]["adapter"]["init_args"]
 
 
 def child(args) -> None:
