@@ -62,14 +62,14 @@ def conversation(rng: random.Random, median_words: float = 110.0, sigma: float =
     return {"messages": messages}
 
 
-def write(path: str | Path, count: int = 400, seed: int = 0) -> Path:
-    """Write ``count`` conversations (seeded) as JSONL; returns the path."""
+def write(path: str | Path, count: int = 400, seed: int = 0, median_words: float = 110.0, sigma: float = 0.75) -> Path:
+    """Write ``count`` conversations (seeded, lengths as :func:`conversation` draws them) as JSONL; returns the path."""
     rng = random.Random(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as file:
         for _ in range(count):
-            file.write(json.dumps(conversation(rng)) + "\n")
+            file.write(json.dumps(conversation(rng, median_words, sigma)) + "\n")
     return path
 
 
@@ -78,8 +78,10 @@ def main() -> None:
     parser.add_argument("path")
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--median_words", type=float, default=110.0, help="median assistant words per conversation")
+    parser.add_argument("--sigma", type=float, default=0.75, help="log-normal spread of the assistant words")
     args = parser.parse_args()
-    print(write(args.path, args.count, args.seed))
+    print(write(args.path, args.count, args.seed, args.median_words, args.sigma))
 
 
 if __name__ == "__main__":
