@@ -186,7 +186,7 @@ def test_trained_positions_only_loss_equals_full_logits_loss_and_gradients(tiny_
         torch.testing.assert_close(loss_sum, reference[0], rtol=1e-5, atol=1e-5)
         assert grads.keys() == reference[2].keys() and grads
         for name in grads:
-            torch.testing.assert_close(grads[name], reference[2][name], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(grads[name], reference[2][name], rtol=1e-4, atol=5e-6)
 
 
 @pytest.mark.slow  # torch.compile

@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from lightning_ft.losses import chunk_cross_entropy, linear_cross_entropy
+
+
+@pytest.mark.parametrize("head_trains", [False, True], ids=["frozen-head", "trained-head"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_linear_cross_entropy_matches_autograd_through_the_head(head_trains, autocast):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).requires_grad_(head_trains)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    results = []
+    for loss_fn in (lambda: linear_cross_entropy(head, hidden, targets, 5), lambda: chunk_cross_entropy(head, hidden, targets)):
+        hidden.grad = head.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn()
+        (3 * loss).backward()  # a non-unit upstream gradient reaches both inputs
+        results.append((loss.detach(), hidden.grad, head.weight.grad))
+    (loss, grad, weight_grad), (expected, expected_grad, expected_weight_grad) = results
+    tolerance = {"rtol": 1e-2, "atol": 1e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(loss, expected, **tolerance)
+    torch.testing.assert_close(grad, expected_grad, **tolerance)
+    if head_trains:
+        assert weight_grad.dtype == head.weight.dtype
+        torch.testing.assert_close(weight_grad, expected_weight_grad, **tolerance)
+    else:
+        assert weight_grad is None and expected_weight_grad is None
+
+
+def test_linear_cross_entropy_declines_heads_it_cannot_fuse():
+    biased = torch.nn.Linear(4, 6)
+    wrapped = torch.nn.Sequential(torch.nn.Linear(4, 6, bias=False))
+    hidden, targets = torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2])
+    assert linear_cross_entropy(biased, hidden, targets, 2) is None
+    assert linear_cross_entropy(wrapped, hidden, targets, 2) is None
