@@ -14,30 +14,36 @@ def chunk_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: to
     return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def _head_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+    """Per chunk of ``chunk_size`` positions: its slice, the targets' log-probabilities under ``hidden @ weight.T``
+    (at least fp32), and ``softmax - one-hot``, the cross-entropy's gradient in the logits (in their dtype, as
+    autograd would pass it on). One chunk of logits exists at a time."""
+    for start in range(0, hidden.shape[0], chunk_size):
+        chunk, wanted = slice(start, start + chunk_size), targets[start:start + chunk_size]
+        logits = torch.nn.functional.linear(hidden[chunk], weight)  # under autocast in its dtype, as the head runs
+        scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        normaliser = torch.logsumexp(scores, dim=-1, keepdim=True)
+        logps = (scores.gather(1, wanted[:, None]) - normaliser).squeeze(1)
+        softmax = scores.sub_(normaliser).exp_()
+        softmax[torch.arange(len(wanted), device=wanted.device), wanted] -= 1
+        yield chunk, logps, softmax.to(logits.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk, with the gradients
-    of ``hidden`` (and of ``weight`` when it trains) computed in the forward pass: no chunk's logits are kept
-    for backward or computed a second time (see :func:`linear_cross_entropy`)."""
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, with the gradients of ``hidden`` (and
+    of ``weight`` when it trains) computed in the forward pass (see :func:`linear_cross_entropy`)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
-            chunk, wanted = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-            logits = torch.nn.functional.linear(chunk, weight)  # under autocast in its dtype, as the head runs
-            scores = logits.float()
-            normaliser = torch.logsumexp(scores, dim=-1, keepdim=True)
-            total += (normaliser - scores.gather(1, wanted[:, None])).sum()
-            # d(loss)/d(logits) = softmax - one-hot, in the logits' dtype as autograd would pass it on.
-            softmax = scores.sub_(normaliser).exp_()
-            softmax[torch.arange(len(wanted), device=wanted.device), wanted] -= 1
-            grad_logits = softmax.to(logits.dtype)
+        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        for chunk, logps, grad_logits in _head_chunks(hidden, weight, targets, chunk_size):
+            total -= logps.sum()
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk_size] = grad_logits @ weight.to(logits.dtype)
+                grad_hidden[chunk] = grad_logits @ weight.to(grad_logits.dtype)
             if grad_weight is not None:
-                grad_weight += grad_logits.t() @ chunk.to(logits.dtype)
+                grad_weight += grad_logits.t() @ hidden[chunk].to(grad_logits.dtype)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
@@ -52,6 +58,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
+class _LinearTokenLogps(torch.autograd.Function):
+    """Log-probability of each target under ``hidden @ weight.T`` with ``weight`` frozen: each position's
+    gradient row ``d log p / d hidden`` is computed in the forward pass (see :func:`linear_token_logps`)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        values = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
+        minus_rows = torch.empty_like(hidden)  # -(d log p / d hidden), one row per position
+        for chunk, logps, grad_logits in _head_chunks(hidden, weight, targets, chunk_size):
+            values[chunk] = logps
+            minus_rows[chunk] = grad_logits @ weight.to(grad_logits.dtype)
+        ctx.save_for_backward(minus_rows)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values: torch.Tensor):
+        (minus_rows,) = ctx.saved_tensors
+        return -grad_values[:, None].to(minus_rows.dtype) * minus_rows, None, None, None
+
+
+def _fusable(head: torch.nn.Module) -> bool:
+    """A plain bias-free linear head whose whole weight is here (no adapter on it, not sharded)."""
+    weight = getattr(head, "weight", None)
+    return type(head) is torch.nn.Linear and head.bias is None and type(weight) in (torch.Tensor, torch.nn.Parameter)
+
+
 def linear_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                          chunk_size: int) -> torch.Tensor | None:
     """Summed cross-entropy of ``head(hidden)`` (positions x features) against ``targets``, in chunks of
@@ -62,13 +94,26 @@ def linear_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: t
     peak memory holds one chunk of logits and, unlike a checkpointed chunk, the head runs once instead of
     twice.
     """
-    weight = getattr(head, "weight", None)
-    if type(head) is not torch.nn.Linear or head.bias is not None or type(weight) not in (torch.Tensor,
-                                                                                            torch.nn.Parameter):
+    if not _fusable(head):
         return None
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or head.weight.requires_grad):
         return chunked_sum(chunk_cross_entropy, chunk_size, head, hidden, targets)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    return _LinearCrossEntropy.apply(hidden, head.weight, targets, chunk_size)
+
+
+def linear_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                       chunk_size: int) -> torch.Tensor | None:
+    """Log-probability of each of ``targets`` under ``head(hidden)``, for a frozen head (LoRA and other adapters),
+    with gradients flowing into ``hidden``; ``None`` where this does not apply (no gradient needed, a head that
+    trains or that :func:`linear_cross_entropy` would not fuse): then run the head in checkpointed chunks.
+
+    As in :func:`linear_cross_entropy`, one chunk of logits exists at a time and the head runs once: since the
+    head is frozen, ``d log p / d hidden`` of each position is known in the forward pass and is kept instead
+    of the logits (one ``hidden``-sized row per position).
+    """
+    if not _fusable(head) or head.weight.requires_grad or not (torch.is_grad_enabled() and hidden.requires_grad):
+        return None
+    return _LinearTokenLogps.apply(hidden, head.weight, targets, chunk_size)
 
 
 def kl_penalty_sum(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

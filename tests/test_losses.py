@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_ft.losses import chunk_cross_entropy, linear_cross_entropy
+from lightning_ft.losses import chunk_cross_entropy, linear_cross_entropy, linear_token_logps
 
 
 @pytest.mark.parametrize("head_trains", [False, True], ids=["frozen-head", "trained-head"])
@@ -35,3 +35,29 @@ def test_linear_cross_entropy_declines_heads_it_cannot_fuse():
     hidden, targets = torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2])
     assert linear_cross_entropy(biased, hidden, targets, 2) is None
     assert linear_cross_entropy(wrapped, hidden, targets, 2) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_token_logps_match_log_softmax_and_its_gradient(dtype):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).to(dtype).requires_grad_(False)
+    hidden = torch.randn(23, 16, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    upstream = torch.randn(23, dtype=dtype)  # per-position weights, as a preference loss gives
+    values = linear_token_logps(head, hidden, targets, 5)
+    (values * upstream).sum().backward()
+    fused_grad, hidden.grad = hidden.grad, None
+    expected = head(hidden).log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    (expected * upstream).sum().backward()
+    assert values.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(values, expected.detach(), **tolerance)
+    torch.testing.assert_close(fused_grad, hidden.grad, **tolerance)
+
+
+def test_linear_token_logps_leave_a_training_head_to_autograd():
+    head = torch.nn.Linear(4, 6, bias=False)
+    hidden, targets = torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2])
+    assert linear_token_logps(head, hidden, targets, 2) is None
+    with torch.no_grad():
+        assert linear_token_logps(head.requires_grad_(False), hidden, targets, 2) is None

@@ -13,6 +13,7 @@ from peft import PeftConfig
 
 from lightning_ft.adapters import FullFineTune, LoRA, QLoRA, has_adapters
 from lightning_ft.callbacks.validate_at_start import ValidateAtStart
+from lightning_ft.losses import linear_token_logps
 from lightning_ft.models import DEFAULT_MODEL, unwrap_peft
 from lightning_ft.module import HPARAMS_IGNORED, IGNORE_INDEX, FineTuneModule
 from lightning_ft.preference.losses import LENGTH_NORMALISED, LOSSES, NEEDS_REFERENCE, LossName, preference_loss
@@ -35,8 +36,9 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_si
                 head_only_where_trained: bool = True) -> torch.Tensor:
     """Log-probability of every trained label (``labels != -100``) under ``model``, in row-major order.
 
-    With ``head_only_where_trained`` the output head runs only at trained positions, in chunks recomputed in
-    backward, so no ``vocab x sequence`` logits are kept (same values as the full logits).
+    With ``head_only_where_trained`` the output head runs only at trained positions, in chunks, so no ``vocab x
+    sequence`` logits are kept (same values as the full logits): a frozen head once
+    (:func:`~lightning_ft.losses.linear_token_logps`), a training one recomputed in backward.
     """
     labels = batch["labels"][:, 1:]
     trained = labels != IGNORE_INDEX
@@ -47,6 +49,9 @@ def token_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_si
         return _gather_logps(model(**inputs).logits[:, :-1][trained], targets)
     hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][trained]
     head = base.get_output_embeddings()
+    fused = linear_token_logps(head, hidden, targets, chunk_size)
+    if fused is not None:
+        return fused
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
         chunk = slice(start, start + chunk_size)
