@@ -10,7 +10,7 @@ its own process (so peak RSS is its own) and prints one JSON line; the parent pr
     python benchmarks/preference_throughput.py --only trl --steps 4
 
 TRL turns gradient checkpointing on by default (less memory, more compute): it runs both ways, and lightning_ft
-also with half of its layers checkpointed (``gradient_checkpointing: 0.5``).
+also with part of its layers checkpointed (``--checkpointing``, default 0.5: ``gradient_checkpointing: 0.5``).
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=4, help="pairs per step")
     parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--checkpointing", type=float, default=0.5,
+                        help="the fraction of layers the checkpointing lightning_ft contender recomputes")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (native on AVX512-BF16/AMX)")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench_preference"))
     args = parser.parse_args()
@@ -93,7 +95,7 @@ def main() -> None:
 
         torch.manual_seed(42)
         if args.only.startswith("lightning_ft"):
-            result = run_lightning_ft(args, 0.5 if args.only == "lightning_ft_checkpointing" else 0.0)
+            result = run_lightning_ft(args, args.checkpointing if args.only == "lightning_ft_checkpointing" else 0.0)
         else:
             result = run_trl(args, args.only)
         print("RESULT " + json.dumps(result), flush=True)
