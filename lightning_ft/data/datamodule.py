@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -367,10 +368,10 @@ class ChatDataModule(LightningDataModule):
             self.stop_tokens = generation_stop_ids(self.tokenizer) if self.tokenizer is not None else []
         return {"stop_tokens": self.stop_tokens, "masking": self.masking, "train_reasoning": self.train_reasoning}
 
-    def _check(self, train: Rows, val: Rows) -> None:
-        """Model-free data checks: warnings printed once (rank zero), or raised with ``checks="strict"``."""
-        if self.checks != "off":
-            enforce(lint_conversations({"train": train, "val": val}), self.checks, "lightning_ft check-data")
+    def _check(self, results: Any) -> None:
+        """Report the model-free data checks' ``results``: warnings printed once (rank zero), or raised with
+        ``checks="strict"``."""
+        enforce(results, self.checks, "lightning_ft check-data")
 
     def _encode(self, part: SourceData, conversations: Any, tokenizer: Any, stats: dict[str, int],
                 errors: list[str]) -> ExampleView:
@@ -433,13 +434,20 @@ class ChatDataModule(LightningDataModule):
                              "dataset or Hub id) or sources.")
         tokenizer = self._load_tokenizer()
         train, val = self._split_sources()
-        if self.checks != "off":
-            self._check(ArrowRows(train), ArrowRows(val))  # streamed from Arrow: no Python object per conversation
         stats = dict.fromkeys(_STAT_KEYS, 0)
         errors: list[str] = []
-        trained = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in train]
-        val_parts = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in val]
-        self.replay_examples = self._encode_replay(tokenizer, errors)
+        with ThreadPoolExecutor(1) as pool:
+            # The checks stream from Arrow (no Python object per conversation). With tokenising workers they run
+            # in a thread of this process, which otherwise waits for the workers; reported once those are done.
+            lint = None if self.checks == "off" else pool.submit(
+                lint_conversations, {"train": ArrowRows(train), "val": ArrowRows(val)})
+            if lint is not None and not (self.num_proc and self.num_proc > 1):
+                self._check(lint.result())
+            trained = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in train]
+            val_parts = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in val]
+            self.replay_examples = self._encode_replay(tokenizer, errors)
+            if lint is not None and self.num_proc and self.num_proc > 1:
+                self._check(lint.result())
         if errors:
             raise DataError(errors)
         self._mix([part.source for part, _ in train], trained)
