@@ -81,7 +81,8 @@ class _LinearTokenLogps(torch.autograd.Function):
 def _fusable(head: torch.nn.Module) -> bool:
     """A plain bias-free linear head whose whole weight is here (no adapter on it, not sharded)."""
     weight = getattr(head, "weight", None)
-    return type(head) is torch.nn.Linear and head.bias is None and type(weight) in (torch.Tensor, torch.nn.Parameter)
+    return (type(head) is torch.nn.Linear and head.bias is None and type(weight) in (torch.Tensor, torch.nn.Parameter)
+            and tuple(weight.shape) == (head.out_features, head.in_features))  # FSDP1 and ZeRO-3 leave a shard
 
 
 def linear_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
