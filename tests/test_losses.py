@@ -34,7 +34,10 @@ def test_linear_cross_entropy_declines_heads_it_cannot_fuse():
     wrapped = torch.nn.Sequential(torch.nn.Linear(4, 6, bias=False))
     hidden, targets = torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2])
     assert linear_cross_entropy(biased, hidden, targets, 2) is None
+    sharded = torch.nn.Linear(4, 6, bias=False)
+    sharded.weight = torch.nn.Parameter(torch.empty(0))  # what FSDP1 or ZeRO-3 leave outside their forward
     assert linear_cross_entropy(wrapped, hidden, targets, 2) is None
+    assert linear_cross_entropy(sharded, hidden, targets, 2) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
