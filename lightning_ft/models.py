@@ -81,7 +81,35 @@ def resolve_model(spec: str) -> str:
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelNotFoundError(f"Model path {spec!r} does not exist.")
-    return spec  # a hub id; transformers reports if it is unreachable
+    if not _in_hub_cache(spec):
+        # transformers would retry for half a minute or more before failing: say why at once.
+        if os.environ.get("HF_HUB_OFFLINE"):
+            raise ModelNotFoundError(f"Model {spec!r} not found: it is not a local directory or .gguf file, nor in "
+                                     "the Hugging Face cache, and offline mode is set (HF_HUB_OFFLINE).")
+        if not hub_reachable():
+            raise ModelNotFoundError(f"Model {spec!r} not found: it is not a local directory or .gguf file, nor in "
+                                     "the Hugging Face cache, and this machine has no network access to huggingface.co.")
+    return spec  # a hub id; transformers reports if the hub has no such model
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers at all: without a network, ``datasets`` and ``transformers`` retry for half
+    a minute or more first. ``True`` in offline mode, where they answer from their caches at once."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        return True
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _file_fingerprint(path: Path) -> str:

@@ -116,10 +116,19 @@ def test_hub_id_that_cannot_be_fetched_is_one_line(monkeypatch):
     from lightning_ft.models import ModelNotFoundError, load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError, match=r"^Model 'nobody/no-such-model' not found: .*no network, or no "
-                                                 r"such model\)\.$") as error:
+    with pytest.raises(ModelNotFoundError, match=r"^Model 'nobody/no-such-model' not found: .*nor in the Hugging "
+                                                 r"Face cache, and offline mode is set \(HF_HUB_OFFLINE\)\.$") as error:
         load_tokenizer("nobody/no-such-model")
     assert user_error_message(error.value) == str(error.value)
+
+
+def test_hub_id_without_a_network_fails_at_once(monkeypatch):
+    import lightning_ft.models as models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)  # no retries against an unreachable hub
+    with pytest.raises(models.ModelNotFoundError, match=r"no network access to huggingface\.co\.$"):
+        models.load_tokenizer("nobody/no-such-model")
 
 
 def test_a_bug_keeps_its_traceback():

@@ -34,7 +34,7 @@ from lightning_ft.data.formats import (
     format_location,
     load_records,
 )
-from lightning_ft.models import cache_dir
+from lightning_ft.models import cache_dir, hub_reachable
 
 #: File types read as one record per line, one JSON list, or a table.
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
@@ -138,24 +138,11 @@ def _is_hub_id(path: str) -> bool:
             and not Path(path).suffix and not any(c in path for c in "*?["))
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co answers at all: without a network, ``datasets`` retries for half a minute first."""
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
-        return True  # offline mode: datasets answers from its cache at once, or fails fast
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _open_hub(source: Source) -> Any:
     import datasets
 
     split = source.split or "train"
-    if not _hub_reachable():
+    if not hub_reachable():
         raise SourceError(source.label, "cannot load the Hub dataset: this machine has no network access to "
                                         "huggingface.co (save it with `Dataset.save_to_disk` on a connected machine "
                                         "and pass that directory, or a Parquet/JSONL copy)")

@@ -25,7 +25,6 @@ from lightning_ft.data.sources import (
     Source,
     SourceError,
     _datasets_cache,
-    _hub_reachable,
     _is_hub_id,
     _open_file,
     _open_saved,
@@ -35,6 +34,7 @@ from lightning_ft.data.sources import (
     datasets_progress,
     local_parts,
 )
+from lightning_ft.models import hub_reachable
 
 #: A raw record on its way: ``(source number, part number, index in the part, record)``.
 RawRecord = tuple[int, int, int, dict[str, Any]]
@@ -86,7 +86,7 @@ def _stream_file(file: str) -> tuple[Any, str, bool]:
 def _stream_hub(source: Source) -> Any:
     import datasets
 
-    if not _hub_reachable():
+    if not hub_reachable():
         raise SourceError(source.label, "cannot stream the Hub dataset: this machine has no network access to "
                                         "huggingface.co (pass a local copy: Parquet, JSONL or a saved dataset)")
     try:

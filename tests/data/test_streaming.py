@@ -70,7 +70,7 @@ def test_shuffle_buffer_is_seeded_and_workers_split_without_duplicates(tiny_mode
 def test_an_unreachable_hub_stream_is_one_line(monkeypatch):
     from lightning_ft.data import streaming
 
-    monkeypatch.setattr(streaming, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(streaming, "hub_reachable", lambda: False)
     with pytest.raises(DataError, match=r"org/chats\[train\]: cannot stream the Hub dataset: this machine has no "
                                         r"network access to huggingface.co"):
         streaming.open_stream(Source("org/chats", split="train"))
