@@ -85,8 +85,11 @@ def _takes(cls: type | None, name: str) -> bool:
     return cls is not None and name in inspect.signature(cls).parameters
 
 
-def _packs_natively(model: Any) -> bool:
-    return model.packs_natively()
+def _packs_natively(model: Any) -> bool | None:
+    try:
+        return model.packs_natively()
+    except OSError:  # no such model: left to the data module, whose tokenizer reports it in one line
+        return None
 
 
 def _allow_auto_precision(parser: LightningArgumentParser) -> None:
