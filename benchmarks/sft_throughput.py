@@ -119,7 +119,8 @@ def run_lightning_ft(args, contender: str) -> dict:
 
         strategy = FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, use_orig_params=True)
     data = ChatDataModule(str(data_path(args)), tokenizer=module.hparams.model_name, batch_size=args.batch_size,
-                          max_length=args.max_length, encode_cache=False, checks="off", **data_settings)
+                          max_length=args.max_length, encode_cache=False, checks="off",
+                          packs_natively=module.packs_natively(), **data_settings)
     callbacks = [lightning_timing(meter, count=True)] + ([StepProfile(args.warmup)] if args.profile else [])
     trainer = pl.Trainer(max_steps=args.warmup + args.steps, precision=args.precision, logger=False,
                          accelerator=args.device, devices=1, strategy=strategy,

@@ -91,3 +91,47 @@ def full_attention_only(config) -> bool:
     uses_window = getattr(config, "use_sliding_window", True)
     return not (uses_window and getattr(config, "sliding_window", None)) and not getattr(
         config, "attention_chunk_size", None)
+
+
+def _default_attention(config) -> str:
+    """What transformers loads when no attention is requested: SDPA where the architecture supports it, else eager."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return "eager"
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def native_packing_attention(config, requested: str | None = None, compiled: bool = False,
+                             prompt_learning: bool = False) -> str | None:
+    """The attention under which a model with this ``config`` keeps conversations packed into one row apart by
+    itself, or ``None`` when it would need a dense block-diagonal mask (which costs more than the padding it saves).
+
+    Decided from the configuration alone, before any weights load, so the data module can be told (the CLI links
+    :meth:`~lightning_ft.FineTuneModule.packs_natively` into ``ChatDataModule(packs_natively=...)``) and the module
+    loads the same attention:
+
+    - flash attention (varlen kernels) and flex attention, as ``requested``;
+    - SDPA (``requested`` ``None``, when the architecture supports it): :func:`per_sequence_sdpa`, unless the
+      layers are ``compiled`` (the per-sequence loop would break their graph) or some layer has a sliding
+      window or chunked attention (:func:`full_attention_only`);
+    - eager and anything else: ``None``; a ``prompt_learning`` adapter (virtual tokens prepended to every
+      row) never packs.
+
+    Example:
+        >>> from transformers import LlamaConfig, MistralConfig
+        >>> native_packing_attention(LlamaConfig())
+        'lightning_ft_sdpa'
+        >>> native_packing_attention(MistralConfig(sliding_window=64)) is None
+        True
+    """
+    if prompt_learning:
+        return None
+    implementation = requested or _default_attention(config)
+    if "flash" in implementation or implementation == "flex_attention":
+        return implementation
+    if implementation in ("sdpa", PER_SEQUENCE_SDPA) and not compiled and full_attention_only(config):
+        return PER_SEQUENCE_SDPA
+    return None

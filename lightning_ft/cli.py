@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import warnings
@@ -27,7 +28,8 @@ from lightning_ft.progress import choose_progress_bar, stdout_is_terminal
 
 
 class FineTuneCLI(LightningCLI):
-    """LightningCLI whose model and tokenizer settings flow into the datamodule through links.
+    """LightningCLI whose model and tokenizer settings flow into the datamodule through links, with whether the
+    model's attention packs natively (``model.packs_natively()`` into ``data.packs_natively``).
 
     Always-on callbacks are configurable under their own keys: ``--checkpoint.*`` (ModelCheckpoint,
     keeps ``last.ckpt``), ``--lr_monitor.*``, ``--progress_bar.*``, ``--export.*`` (the Hugging
@@ -42,6 +44,9 @@ class FineTuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model_name", "data.tokenizer")
         parser.link_arguments("model.chat_template", "data.chat_template")
+        if _takes(self.datamodule_class, "packs_natively") and hasattr(self.model_class, "packs_natively"):
+            # Decided from the model's configuration once the module is built, before any weights load.
+            parser.link_arguments("model", "data.packs_natively", compute_fn=_packs_natively, apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
@@ -74,6 +79,17 @@ class FineTuneCLI(LightningCLI):
         if config.get("logger") in (None, True):
             config = {**config, "logger": tensorboard_logger(config.get("default_root_dir") or os.getcwd())}
         return super()._instantiate_trainer(config, callbacks)
+
+
+def _takes(cls: type | None, name: str) -> bool:
+    return cls is not None and name in inspect.signature(cls).parameters
+
+
+def _packs_natively(model: Any) -> bool | None:
+    try:
+        return model.packs_natively()
+    except OSError:  # no such model: left to the data module, whose tokenizer reports it in one line
+        return None
 
 
 def _allow_auto_precision(parser: LightningArgumentParser) -> None:

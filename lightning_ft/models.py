@@ -201,6 +201,17 @@ def generation_stop_ids(spec: str) -> list[int]:
     return [ids] if isinstance(ids, int) else [int(i) for i in ids or ()]
 
 
+def load_config(spec: str):
+    """The model's configuration (``config.json``) for a model spec, without loading weights (remote code disabled)."""
+    from transformers import AutoConfig
+
+    source = resolve_model(spec)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except OSError as error:
+        raise _hub_error(spec, source, error) from error
+
+
 def load_model(spec: str, dtype: str = "float32", **kwargs: Any):
     """Load a causal LM for a model spec with remote code disabled and safetensors preferred.
 

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,11 +23,11 @@ from lightning_ft.adapters import (FullFineTune, LoRA, PeftAdapter, QLoRA, base_
                                    write_base_record)
 from lightning_ft.callbacks.nonfinite import NonFiniteGuard
 from lightning_ft.checkpoint_io import use_atomic_checkpoints
-from lightning_ft.attention import PER_SEQUENCE_SDPA, full_attention_only, register
+from lightning_ft.attention import PER_SEQUENCE_SDPA, native_packing_attention, register
 from lightning_ft.losses import (chunk_cross_entropy, chunk_kl, chunked_sum, kl_penalty_sum, linear_cross_entropy,
                                  packing_is_exact)
-from lightning_ft.models import (DEFAULT_MODEL, base_fingerprint, decoder_layers, enable_checkpointing, load_model,
-                                 load_tokenizer, unwrap_peft)
+from lightning_ft.models import (DEFAULT_MODEL, base_fingerprint, decoder_layers, enable_checkpointing, load_config,
+                                 load_model, load_tokenizer, unwrap_peft)
 from lightning_ft.optim import (ADAMW_SETTINGS, SCHEDULE_SETTINGS, build_optimizer, build_scheduler, param_groups,
                                 settings_problems)
 from lightning_ft.schedules import DecayName
@@ -54,7 +55,8 @@ class FineTuneModule(pl.LightningModule):
     Example::
 
         module = FineTuneModule("smollm2-135m-instruct", adapter=LoRA(r=8))
-        data = ChatDataModule("examples/triage/train.jsonl", tokenizer="smollm2-135m-instruct")
+        data = ChatDataModule("examples/triage/train.jsonl", tokenizer="smollm2-135m-instruct",
+                              packs_natively=module.packs_natively())
         pl.Trainer(max_steps=20).fit(module, data)
 
     Args:
@@ -72,8 +74,8 @@ class FineTuneModule(pl.LightningModule):
         chat_template: A Jinja chat template replacing the tokenizer's own (keep it equal to the data's).
         dtype: Dtype the weights are loaded in; mixed precision is the Trainer's ``precision``.
         attn_implementation: The model's attention kernel (``from_pretrained``'s ``attn_implementation``):
-            ``None`` lets transformers choose (SDPA); ``flash_attention_2`` on GPUs with ``flash-attn``
-            installed also makes ``data.packing: auto`` pack.
+            ``None`` lets transformers choose (SDPA, which this module runs per packed conversation when
+            :meth:`packs_natively`); ``flash_attention_2`` on GPUs with ``flash-attn`` installed packs natively too.
         gradient_checkpointing: Recompute activations in the backward pass to save memory: ``True`` for every
             decoder layer, or the fraction of layers to checkpoint, spread evenly (``0.5``: every other
             layer). Each checkpointed layer frees its saved activations and costs one more forward of that
@@ -191,6 +193,8 @@ class FineTuneModule(pl.LightningModule):
             return
         kwargs = self.adapter.load_kwargs()
         if self.hparams.attn_implementation:
+            if self.hparams.attn_implementation == PER_SEQUENCE_SDPA:
+                register()
             kwargs["attn_implementation"] = self.hparams.attn_implementation
         model = load_model(self.hparams.model_name, dtype=self.hparams.dtype, **kwargs)
         self.base_fingerprint = base_fingerprint(model)
@@ -244,44 +248,54 @@ class FineTuneModule(pl.LightningModule):
         """A peft prompt-learning adapter: its forward prepends virtual tokens, so positions shift."""
         return isinstance(self.adapter, PeftAdapter) and self.adapter.config.is_prompt_learning
 
-    def _attn_implementation(self) -> str:
-        base = unwrap_peft(self.model)
-        return str(getattr(getattr(base, "config", None), "_attn_implementation", None) or "")
-
     def packs_natively(self) -> bool:
-        """Whether the model's attention takes packed rows as separate sequences (flash-attention varlen
-        kernels, flex attention's block mask, :mod:`lightning_ft.attention`'s per-sequence SDPA) rather than
-        attending to the whole row under a dense block-diagonal mask (eager, or plain SDPA), which costs more
-        than the padding it saves (``benchmarks/sft_throughput.py``)."""
-        implementation = self._attn_implementation()
-        return "flash" in implementation or implementation in ("flex_attention", PER_SEQUENCE_SDPA)
+        """Whether the model's attention keeps conversations packed into one row apart by itself (flash-attention
+        varlen kernels, flex attention's block mask, :mod:`lightning_ft.attention`'s per-sequence SDPA) rather
+        than attending to the whole row under a dense block-diagonal mask (eager, compiled layers, sliding-window
+        models), which costs more than the padding it saves (``benchmarks/sft_throughput.py``).
 
-    def supports_packing(self) -> bool:
-        """Whether :class:`~lightning_ft.ChatDataModule` may pack batches (several conversations per row,
-        restarting position ids) when ``packing`` is ``auto``: the attention :meth:`packs_natively`, and
-        packed logits equal unpacked ones, measured once with :func:`packing_is_exact` (prompt-learning
-        adapters never pack). A model on plain SDPA is first switched to the per-sequence SDPA of
-        :mod:`lightning_ft.attention` (same results, padded batches included), unless its layers are compiled
-        or it has sliding-window attention. ``packing: true`` packs whatever this says."""
-        if self.model is None:
-            return False
-        base = unwrap_peft(self.model)
-        if (self._attn_implementation() == "sdpa" and not self.hparams.compile and not self._prompt_learning
-                and full_attention_only(base.config)):
-            base.set_attn_implementation(register())
-            self._packing_exact = None  # measure again, with the attention now in use
-        return self.packs_natively() and self.packing_is_exact()
+        Decided by :func:`~lightning_ft.attention.native_packing_attention` from the model's configuration, the
+        requested ``attn_implementation``, ``compile`` and the adapter, without loading weights, so it is known
+        right after construction: the CLI links it into ``ChatDataModule(packs_natively=...)``, and the first
+        packed batch switches a model on SDPA to the per-sequence SDPA it names (padded batches keep transformers'
+        SDPA, which builds its mask once per forward rather than once per layer). Python users pass it the same way::
+
+            ChatDataModule("train.jsonl", tokenizer=name, packs_natively=module.packs_natively())
+        """
+        return self._packing_attention is not None
+
+    @cached_property
+    def _packing_attention(self) -> str | None:
+        """The attention implementation that packs natively for this model and these settings, else ``None``."""
+        config = load_config(self.hparams.model_name)
+        return native_packing_attention(config, self.hparams.attn_implementation, self.hparams.compile,
+                                        self._prompt_learning)
 
     def packing_is_exact(self) -> bool:
-        """Whether packed batches train exactly like padded ones with this model (measured once; warns if not)."""
+        """Whether packed batches train exactly like padded ones with this model, measured once with
+        :func:`~lightning_ft.losses.packing_is_exact` (``False`` before :meth:`configure_model`; prompt-learning
+        adapters never are)."""
         if self._packing_exact is None:
             if self.model is None:
                 return False
             self._packing_exact = not self._prompt_learning and packing_is_exact(self.model)
-            if not self._packing_exact:
-                rank_zero_warn(f"{type(self.model).__name__} mixes conversations packed into one row, so batches "
-                               "are padded instead (slower; data.packing=false silences this).")
         return self._packing_exact
+
+    def _prepare_packed(self, batch: Any) -> None:
+        """At the first packed batch (position ids restarting per conversation, no attention mask): switch to the
+        attention :meth:`packs_natively` named, then measure that packing is exact, and refuse packed batches
+        when the model mixes the conversations of a row (training on them would be wrong)."""
+        if self._packing_exact is not None or not isinstance(batch, dict) or self.model is None:
+            return
+        if "position_ids" not in batch or "attention_mask" in batch:
+            return
+        base = unwrap_peft(self.model)
+        if self._packing_attention == PER_SEQUENCE_SDPA and base.config._attn_implementation == "sdpa":
+            base.set_attn_implementation(register())
+        if not self.packing_is_exact():
+            why = ("a prompt-learning adapter prepends virtual tokens to every row" if self._prompt_learning else
+                   f"{type(base).__name__} lets packed conversations attend to each other")
+            raise ValueError(f"The batches are packed, but {why}: set data.packing=false.")
 
     # -- steps ---------------------------------------------------------------------------------------
     def _head_parts(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -377,6 +391,7 @@ class FineTuneModule(pl.LightningModule):
         self._window_trained = 0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._prepare_packed(batch)
         self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -386,6 +401,12 @@ class FineTuneModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._prepare_packed(batch)  # outside the step's autocast, which would blur the measured logits
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._prepare_packed(batch)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss_sum, n_trained, _ = self._loss_sum(batch)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import TINY_TOKENIZER_DIR
 
-from lightning_ft.attention import PER_SEQUENCE_SDPA, full_attention_only, packed_segments, register
+from lightning_ft.attention import (PER_SEQUENCE_SDPA, full_attention_only, native_packing_attention,
+                                    packed_segments, register)
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +77,17 @@ def test_only_full_attention_models_qualify():
     assert not full_attention_only(MistralConfig(sliding_window=64))
     assert full_attention_only(Qwen2Config(use_sliding_window=False))
     assert not full_attention_only(Qwen2Config(use_sliding_window=True, sliding_window=64, max_window_layers=0))
+
+
+def test_native_packing_is_decided_from_the_config():
+    from transformers import LlamaConfig, MistralConfig
+
+    llama, windowed = LlamaConfig(), MistralConfig(sliding_window=64)
+    assert native_packing_attention(llama) == native_packing_attention(llama, "sdpa") == PER_SEQUENCE_SDPA
+    for requested in ("flash_attention_2", "kernels-community/flash-attn3", "flex_attention"):
+        assert native_packing_attention(llama, requested) == native_packing_attention(windowed, requested) == requested
+    assert native_packing_attention(llama, "eager") is None
+    assert native_packing_attention(windowed) is None  # per-sequence SDPA rebuilds full attention only
+    assert native_packing_attention(llama, compiled=True) is None  # the per-sequence loop would break the graph
+    assert native_packing_attention(llama, "flash_attention_2", compiled=True) == "flash_attention_2"
+    assert native_packing_attention(llama, "flash_attention_2", prompt_learning=True) is None

@@ -43,6 +43,8 @@ def test_every_config_builds_module_datamodule_and_trainer(config):
     assert isinstance(cli.model, FineTuneModule)
     assert isinstance(cli.datamodule, PreferenceDataModule if preference else ChatDataModule)
     assert cli.datamodule.tokenizer == cli.model.hparams.model_name  # linked, not set twice
+    if not preference:
+        assert cli.datamodule.packs_natively is cli.model.packs_natively()
     for key in ("train_path", "val_path"):
         path = getattr(cli.datamodule, key)
         assert path is None or Path(path).is_file(), f"{config.name}: data.{key}={path} does not exist"
@@ -80,6 +82,16 @@ def test_fit_writes_checkpoint_tensorboard_and_hf_adapter(tiny_model_dir, tmp_pa
     logged = cli.trainer.logged_metrics
     for key in ("train/loss", "val/loss", "val/perplexity", "train/tokens_per_sec"):
         assert key in logged, key
+
+
+def test_the_model_tells_the_data_module_whether_it_packs_natively(tiny_model_dir, tmp_path):
+    build = ["--trainer.default_root_dir", str(tmp_path / "runs")]
+    cli = main([*tiny_args(tiny_model_dir, tmp_path)[1:], *build], run=False)
+    assert cli.datamodule.packs_natively is True and cli.model.model is None  # from the config, before loading
+    eager = main([*tiny_args(tiny_model_dir, tmp_path, "--model.attn_implementation", "eager")[1:], *build], run=False)
+    assert eager.datamodule.packs_natively is False
+    with pytest.raises(SystemExit):  # a linked value is the model's to give
+        main([*tiny_args(tiny_model_dir, tmp_path, "--data.packs_natively", "false")[1:], *build], run=False)
 
 
 def test_bad_data_stops_fit_before_anything_is_written(tiny_model_dir, tmp_path):

@@ -35,7 +35,7 @@ def run(model_dir, train, tmp_path, adapter, max_steps, ckpt_path=None, interrup
     pl.seed_everything(7)
     recorder = LossRecorder(interrupt_at, save_to)
     module = FineTuneModule(model_dir, adapter=adapter(), learning_rate=1e-3)
-    data = ChatDataModule(train, tokenizer=model_dir, batch_size=2, **data_args)
+    data = ChatDataModule(train, tokenizer=model_dir, batch_size=2, packs_natively=module.packs_natively(), **data_args)
     trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, callbacks=[recorder])
     trainer.fit(module, data, ckpt_path=ckpt_path)

@@ -14,7 +14,7 @@ The rule and its threshold come from ``benchmarks/sft_throughput.py`` (README "S
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,7 +52,7 @@ def padding_share(lengths: Sequence[int], batch_size: int, grouped: bool = False
 
 def choose_batching(lengths: Sequence[int], batch_size: int, packing: bool | Literal["auto"] = "auto",
                     group_by_length: bool | Literal["auto"] = "auto",
-                    packs_natively: Callable[[], bool] = lambda: False,
+                    packs_natively: bool | None = False,
                     max_padding: float = MAX_PADDING) -> BatchingChoice:
     """Pick padded, grouped or packed batches for examples of these token ``lengths``.
 
@@ -61,22 +61,28 @@ def choose_batching(lengths: Sequence[int], batch_size: int, packing: bool | Lit
         batch_size: Examples per batch.
         packing: ``True`` always packs, ``False`` never does, ``auto`` packs by the rule above.
         group_by_length: ``True`` groups whenever batches are not packed, ``False`` never does, ``auto`` by the rule.
-        packs_natively: Asked (only when packing would pay) whether the model attends within each packed
-            sequence without a dense mask; it may switch the model to such an attention.
+        packs_natively: Whether the model's attention keeps packed conversations apart without a dense mask
+            (see :func:`~lightning_ft.attention.native_packing_attention`); ``None`` (not known) counts as false,
+            and the reason says so when it kept batches unpacked.
         max_padding: Padding share up to which padded batches are kept.
 
     Example:
         >>> choose_batching([100] * 64, 8).mode
         'padded'
-        >>> choose_batching([30, 900, 60, 200] * 16, 8, packs_natively=lambda: True).mode
+        >>> choose_batching([30, 900, 60, 200] * 16, 8, packs_natively=True).mode
         'packed'
     """
+    if packs_natively not in (True, False, None):
+        raise TypeError(f"packs_natively={packs_natively!r} must be true, false or None (not a callable)")
     share = padding_share(lengths, batch_size)
     wasted = f"shuffled padded batches would be {share:.0%} padding"
     if packing is True:
         return BatchingChoice("packed", share, "packing: true")
-    if share > max_padding and packing == "auto" and packs_natively():
-        return BatchingChoice("packed", share, f"{wasted}; the attention keeps packed conversations apart")
+    if share > max_padding and packing == "auto":
+        if packs_natively:
+            return BatchingChoice("packed", share, f"{wasted}; the attention keeps packed conversations apart")
+        if packs_natively is None:
+            wasted += "; not packed: packs_natively is not set (pass the model's packs_natively())"
     if group_by_length is True or (group_by_length == "auto" and share > max_padding):
         grouped = padding_share(lengths, batch_size, grouped=True)
         why = "group_by_length: true" if group_by_length is True else wasted

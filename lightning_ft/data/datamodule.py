@@ -84,6 +84,7 @@ def _argument_problems(args: dict[str, Any]) -> list[str]:
         "checks": (args["checks"] in ("warn", "strict", "off"), "must be one of: warn, strict, off"),
         "packing": (args["packing"] in (True, False, "auto"), "must be true, false or 'auto'"),
         "group_by_length": (args["group_by_length"] in (True, False, "auto"), "must be true, false or 'auto'"),
+        "packs_natively": (args["packs_natively"] in (True, False, None), "must be true, false or None"),
         "encode_cache": (isinstance(args["encode_cache"], bool), "must be true or false"),
         "replay_path": (args["replay_path"] is None or isinstance(args["replay_path"], (str, os.PathLike)),
                         "must be a chat data file, 'default' (the shipped general conversations), or None"),
@@ -156,14 +157,18 @@ class ChatDataModule(LightningDataModule):
         pad_to_multiple_of: Round each batch's padded length up to a multiple of this.
         packing: Pack each batch's conversations into rows, with position ids restarting per conversation
             and attention kept inside each (no padding compute; the same conversations per step and the same
-            loss as padded batches). Rows hold the whole batch when the attention keeps conversations apart
-            by itself (flash, flex, or the per-sequence SDPA :class:`~lightning_ft.FineTuneModule` switches
-            to), else ``max_length`` tokens each. ``auto`` packs when shuffled padded batches would be more
-            than 10% padding and the LightningModule's ``supports_packing()`` says yes (see
-            :func:`~lightning_ft.data.batching.choose_batching`); other modules get padded or grouped batches.
+            loss as padded batches). Rows hold the whole batch when ``packs_natively``, else ``max_length``
+            tokens each. ``auto`` packs when shuffled padded batches would be more than 10% padding and
+            ``packs_natively`` is true (see :func:`~lightning_ft.data.batching.choose_batching`); otherwise
+            batches are padded or grouped.
         group_by_length: Without packing, batch conversations of similar length together (seeded: sorted
             within windows of 50 batches, then the batches shuffled), so less of each batch is padding.
             ``auto`` groups when batches are not packed and would be more than 10% padding.
+        packs_natively: Whether the model's attention keeps conversations packed into one row apart by itself
+            (flash attention, flex attention, or the per-sequence SDPA :class:`~lightning_ft.FineTuneModule`
+            switches to), without a dense block-diagonal mask. The CLI links it from the model's
+            :meth:`~lightning_ft.FineTuneModule.packs_natively`; in Python pass ``module.packs_natively()``.
+            ``None`` (not known) counts as false, and the batching line says so when it kept batches unpacked.
         encode_cache: Keep encoded conversations on disk as Arrow (``$LIGHTNING_FT_CACHE/encoded``), keyed by
             their content, the tokenizer, the chat template, the truncation and labelling settings, so later
             runs on the same data skip tokenising; an entry is checked (rows, lengths, token checksum) before use.
@@ -234,6 +239,7 @@ class ChatDataModule(LightningDataModule):
         num_proc: int | None = None,
         streaming: bool = False,
         shuffle_buffer: int = 10_000,
+        packs_natively: bool | None = None,
     ) -> None:
         super().__init__()
         args = dict(locals())
@@ -258,6 +264,7 @@ class ChatDataModule(LightningDataModule):
         self.replay_ratio = float(replay_ratio)
         self.packing = packing
         self.group_by_length = group_by_length
+        self.packs_natively = packs_natively
         self.encode_cache = encode_cache
         self.masking = masking
         self.stop_tokens = None if stop_tokens is None else list(stop_tokens)
@@ -556,18 +563,10 @@ class ChatDataModule(LightningDataModule):
 
     def batching(self) -> BatchingChoice:
         """Padded, length-grouped or packed training batches, chosen from the training lengths by
-        :func:`~lightning_ft.data.batching.choose_batching` (asking the trainer's LightningModule whether its
-        attention packs natively: ``supports_packing()``)."""
-        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        :func:`~lightning_ft.data.batching.choose_batching`, given ``packs_natively``."""
         lengths = self._sample_lengths if self.streaming else [  # from Arrow, no rows read
             n for _, part, _, _ in self._mixture for n in part.lengths()]
-
-        def packs_natively() -> bool:
-            return bool(hasattr(module, "supports_packing") and module.supports_packing())
-
-        if self.packing is True:
-            packs_natively()  # lets the module switch to an attention that packs without a dense mask
-        return choose_batching(lengths, self.batch_size, self.packing, self.group_by_length, packs_natively)
+        return choose_batching(lengths, self.batch_size, self.packing, self.group_by_length, self.packs_natively)
 
     def packs(self) -> bool:
         """Whether batches are packed (see :meth:`batching`)."""
@@ -575,10 +574,9 @@ class ChatDataModule(LightningDataModule):
 
     def _collator(self, choice: BatchingChoice) -> ChatCollator:
         packed = choice.mode == "packed"
-        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
         # One row per batch when the attention keeps packed conversations apart itself; else rows of max_length,
         # as a dense block-diagonal mask costs quadratically in the row length.
-        whole_batch = packed and bool(getattr(module, "packs_natively", lambda: False)())
+        whole_batch = packed and bool(self.packs_natively)
         pack_length = self.max_length * (self.batch_size if whole_batch else 1)
         return ChatCollator(pad_token_id(self._load_tokenizer()), self.pad_to_multiple_of,
                             pack_length=pack_length if packed else None)

@@ -56,8 +56,7 @@ def _per_token_losses(model, batch, spans):
 def test_packed_per_token_loss_equals_unpacked(tiny_model_dir, tmp_path, per_sequence):
     module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4, dropout=0.0))
     module.configure_model()
-    assert module.supports_packing() if per_sequence else not module.packs_natively()
-    module.model.eval()
+    assert module.packs_natively()
     data = ChatDataModule(write_chat_file(tmp_path / "t.jsonl", 6), tokenizer=tiny_model_dir, batch_size=6,
                           system_prompt="Be brief.")
     data.setup("fit")
@@ -68,6 +67,10 @@ def test_packed_per_token_loss_equals_unpacked(tiny_model_dir, tmp_path, per_seq
     # per-sequence attention packs the whole batch into one row; the dense mask rows of twice the longest
     packed = collate_packed(examples, pad_token_id=0, max_length=6 * longest if per_sequence else 2 * longest)
     assert packed["input_ids"].shape[0] < len(examples)
+    if per_sequence:  # else plain SDPA: a dense block-diagonal mask built from the position ids
+        module.on_train_batch_start(packed, 0)
+    assert module.model.get_base_model().config._attn_implementation == (PER_SEQUENCE_SDPA if per_sequence else "sdpa")
+    module.model.eval()
     rows = pack_rows([len(e["input_ids"]) for e in examples], packed["input_ids"].shape[1])
     packed_spans = {}
     for r, row in enumerate(rows):
@@ -118,23 +121,45 @@ def test_packing_probe_accepts_llama_and_refuses_a_model_that_mixes_rows(tiny_mo
     assert not packing_is_exact(_LeakyLM())
 
 
-def test_sdpa_switches_to_per_sequence_attention_to_pack(tiny_model_dir):
+def test_packs_natively_is_known_before_loading_and_packed_batches_get_that_attention(tiny_model_dir):
+    padded = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4)}
+    packed = {"input_ids": torch.ones(1, 5, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1]])}
     module = FineTuneModule(tiny_model_dir)
+    assert module.packs_natively() and module.model is None  # from config.json alone, no weights
     module.configure_model()
     config = module.model.get_base_model().config
-    assert config._attn_implementation == "sdpa" and not module.packs_natively()
-    assert module.supports_packing() and config._attn_implementation == PER_SEQUENCE_SDPA and module.packs_natively()
-    for implementation, native in (("flash_attention_2", True), ("kernels-community/flash-attn3", True),
-                                   ("flex_attention", True), ("eager", False)):
-        with mock.patch.object(type(config), "_attn_implementation", new_callable=mock.PropertyMock,
-                               return_value=implementation):
-            assert module.packs_natively() == module.supports_packing() == native
-    eager = FineTuneModule(tiny_model_dir, attn_implementation="eager")
-    eager.configure_model()
-    assert not eager.supports_packing() and eager.model.get_base_model().config._attn_implementation == "eager"
-    compiled = FineTuneModule(tiny_model_dir, compile=True)
-    compiled.configure_model()
-    assert not compiled.supports_packing()  # a compiled layer would break its graph on the per-sequence loop
+    module.on_train_batch_start(padded, 0)
+    assert config._attn_implementation == "sdpa"  # padded batches keep transformers' SDPA
+    module.on_train_batch_start(packed, 0)
+    assert config._attn_implementation == PER_SEQUENCE_SDPA and module._packing_exact is True
+    for settings, attention in (({"attn_implementation": "eager"}, "eager"), ({"compile": True}, "sdpa")):
+        other = FineTuneModule(tiny_model_dir, **settings)
+        assert not other.packs_natively()
+        other.configure_model()
+        other.on_train_batch_start(packed, 0)  # packing: true on a dense mask: measured, left on its attention
+        assert other.model.get_base_model().config._attn_implementation == attention and other._packing_exact
+
+
+def test_sliding_window_models_do_not_pack_natively(tmp_path):
+    from transformers import MistralConfig
+
+    MistralConfig(sliding_window=64, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                  num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path)
+    assert not FineTuneModule(str(tmp_path)).packs_natively()
+    assert FineTuneModule(str(tmp_path), attn_implementation="flash_attention_2").packs_natively()
+
+
+def test_packed_batches_on_a_model_that_mixes_them_stop_the_run(tiny_model_dir):
+    module = FineTuneModule(tiny_model_dir)
+    module.configure_model()
+    padded = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4)}
+    packed = {"input_ids": torch.ones(1, 5, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1]])}
+    with mock.patch("lightning_ft.module.packing_is_exact", return_value=False) as probe:
+        module.on_train_batch_start(padded, 0)
+        assert not probe.called  # padded batches are not measured
+        with pytest.raises(ValueError, match=r"^The batches are packed, but LlamaForCausalLM lets packed "
+                                             r"conversations attend to each other: set data.packing=false.$"):
+            module.on_validation_batch_start(packed, 0)
 
 
 def test_fit_chooses_batching_from_the_data(tiny_model_dir, tmp_path):
@@ -150,16 +175,35 @@ def test_fit_chooses_batching_from_the_data(tiny_model_dir, tmp_path):
              "off": (varied, {"packing": False, "group_by_length": False}), "told": (uniform, {"packing": True})}
     for name, (path, settings) in cases.items():
         module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4), attn_implementation="eager" if name == "eager" else None)
-        data = ChatDataModule(path, tokenizer=tiny_model_dir, batch_size=4, **settings)
+        data = ChatDataModule(path, tokenizer=tiny_model_dir, batch_size=4, packs_natively=module.packs_natively(),
+                              **settings)
         pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, callbacks=[Spy()]).fit(module, data)
         seen[name + "_mode"] = data.batching().mode
+        seen[name + "_attention"] = module.model.get_base_model().config._attn_implementation
     assert seen["varied_mode"] == seen["told_mode"] == "packed"
     assert (seen["uniform_mode"], seen["eager_mode"], seen["off_mode"]) == ("padded", "grouped", "padded")
+    assert seen["varied_attention"] == seen["told_attention"] == PER_SEQUENCE_SDPA
+    assert (seen["uniform_attention"], seen["eager_attention"]) == ("sdpa", "eager")
     for name in ("varied", "told"):  # per-sequence attention: the whole batch in one row, no padding at all
         assert all("attention_mask" not in b and b["input_ids"].shape[0] == 1 and b["token_mask"].all()
                    for b in seen[name])
     assert all("attention_mask" in b and b["input_ids"].shape[0] == 4 for b in seen["uniform"] + seen["eager"])
+
+
+def test_the_data_module_decides_packing_without_asking_the_lightning_module(tiny_model_dir, tmp_path):
+    trainer = mock.MagicMock(current_epoch=0, global_rank=0, world_size=1)
+    trainer.fit_loop.epoch_loop.batch_progress.current.processed = 0
+    type(trainer).lightning_module = mock.PropertyMock(side_effect=AssertionError("asked the LightningModule"))
+    path = write_varied_chat_file(tmp_path / "v.jsonl", 16)
+    for told, mode in ((True, "packed"), (None, "grouped")):
+        data = ChatDataModule(path, tokenizer=tiny_model_dir, batch_size=4, packs_natively=told)
+        data.trainer = trainer
+        data.setup("fit")
+        assert data.batching().mode == mode
+        batch = next(iter(data.train_dataloader()))
+        assert batch["input_ids"].shape[0] == (1 if told else 4)  # told: the whole batch in one row
+    assert "not packed: packs_natively is not set" in data.batching().reason
 
 
 def test_grouped_epoch_has_the_same_token_loss_as_a_padded_one(tiny_model_dir, tmp_path):
