@@ -21,8 +21,12 @@ def test_default_override_must_be_a_file(monkeypatch, tmp_path):
         resolve_model("default")
 
 
-def test_local_directory_hub_id_and_bad_paths(tiny_model_dir, tmp_path):
+def test_local_directory_hub_id_and_bad_paths(tiny_model_dir, tmp_path, monkeypatch):
+    import lightning_ft.models as models
+
     assert resolve_model(tiny_model_dir) == tiny_model_dir
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)  # a hub id passes through when the hub answers
     assert resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
     with pytest.raises(ModelNotFoundError, match="has no config.json"):
         resolve_model(str(tmp_path))
