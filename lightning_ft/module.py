@@ -142,7 +142,8 @@ class FineTuneModule(pl.LightningModule):
             problems.append(f"min_lr_ratio={min_lr_ratio} must be in [0, 1]")
         if logits_chunk_size < 1:
             problems.append(f"logits_chunk_size={logits_chunk_size} must be >= 1")
-        if gradient_checkpointing != "auto" and not 0 <= float(gradient_checkpointing) <= 1:
+        if gradient_checkpointing != "auto" and not (isinstance(gradient_checkpointing, (bool, int, float))
+                                                     and 0 <= float(gradient_checkpointing) <= 1):
             problems.append(f"gradient_checkpointing={gradient_checkpointing} must be true, false, 'auto' or a "
                             "fraction of layers in [0, 1]")
         if kl_beta < 0:

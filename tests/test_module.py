@@ -90,8 +90,10 @@ def test_method_default_learning_rates_and_destructive_warning(tiny_model_dir):
 def test_invalid_settings_are_reported_together(tiny_model_dir):
     with pytest.raises(ValueError, match=r"learning_rate=-1 must be > 0; weight_decay=-0.1 must be >= 0; "
                                          r"warmup_ratio=1.5 must be in \[0, 1\); gradient_checkpointing=2.0 "
-                                         r"must be true, false or a fraction of layers in \[0, 1\]"):
+                                         r"must be true, false, 'auto' or a fraction of layers in \[0, 1\]"):
         FineTuneModule(tiny_model_dir, learning_rate=-1, weight_decay=-0.1, warmup_ratio=1.5, gradient_checkpointing=2.0)
+    with pytest.raises(ValueError, match=r"gradient_checkpointing=fast must be true, false, 'auto'"):
+        FineTuneModule(tiny_model_dir, gradient_checkpointing="fast")
     with pytest.raises(ValueError, match=r"Invalid LoRA settings: r=0 must be >= 1; dropout=1.0 must be in \[0, 1\)"):
         LoRA(r=0, dropout=1.0)
 
