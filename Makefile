@@ -14,4 +14,4 @@ quickstart:
 
 # The environment's bin directory first on PATH: the tests also run the `lightning_ft` console script.
 test:
-	@PY=$$(scripts/setup.sh) && PATH="$$(dirname $$PY):$$PATH" $$PY -m pytest -q $(ARGS)
+	@PY=$$(scripts/setup.sh) && PATH="$$(dirname $$PY):$$PATH" $$PY -m pytest -q -m "" $(ARGS)
