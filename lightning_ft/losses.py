@@ -86,20 +86,18 @@ def _fusable(head: torch.nn.Module) -> bool:
 
 
 def linear_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                         chunk_size: int) -> torch.Tensor | None:
+                         chunk_size: int) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` (positions x features) against ``targets``, in chunks of
-    ``chunk_size`` positions, or ``None`` when ``head`` is not a plain bias-free linear layer with its whole
-    weight here (an adapter on the head, a sharded weight): then use :func:`chunked_sum`.
+    ``chunk_size`` positions.
 
-    Each chunk's gradient is computed while its logits exist (softmax minus one-hot, times the weight), so
-    peak memory holds one chunk of logits and, unlike a checkpointed chunk, the head runs once instead of
-    twice.
+    When gradients are needed and ``head`` is a plain bias-free linear layer with its whole weight here, each
+    chunk's gradient is computed while its logits exist (softmax minus one-hot, times the weight), so peak
+    memory holds one chunk of logits and, unlike a checkpointed chunk, the head runs once instead of twice.
+    Other heads (an adapter on the head, a sharded weight) run in checkpointed chunks (:func:`chunked_sum`).
     """
-    if not _fusable(head):
-        return None
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or head.weight.requires_grad):
-        return chunked_sum(chunk_cross_entropy, chunk_size, head, hidden, targets)
-    return _LinearCrossEntropy.apply(hidden, head.weight, targets, chunk_size)
+    if _fusable(head) and torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, head.weight, targets, chunk_size)
+    return chunked_sum(chunk_cross_entropy, chunk_size, head, hidden, targets)
 
 
 def linear_token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,

@@ -24,8 +24,7 @@ from lightning_ft.adapters import (FullFineTune, LoRA, PeftAdapter, QLoRA, base_
 from lightning_ft.callbacks.nonfinite import NonFiniteGuard
 from lightning_ft.checkpoint_io import use_atomic_checkpoints
 from lightning_ft.attention import PER_SEQUENCE_SDPA, native_packing_attention, register
-from lightning_ft.losses import (chunk_cross_entropy, chunk_kl, chunked_sum, kl_penalty_sum, linear_cross_entropy,
-                                 packing_is_exact)
+from lightning_ft.losses import chunk_kl, chunked_sum, kl_penalty_sum, linear_cross_entropy, packing_is_exact
 from lightning_ft.models import (DEFAULT_MODEL, base_fingerprint, decoder_layers, enable_checkpointing, load_config,
                                  load_model, load_tokenizer, unwrap_peft)
 from lightning_ft.optim import (ADAMW_SETTINGS, SCHEDULE_SETTINGS, build_optimizer, build_scheduler, param_groups,
@@ -352,10 +351,7 @@ class FineTuneModule(pl.LightningModule):
             return loss_sum, trained.sum(), kl_penalty_sum(base_logits, logits[real]) / real.sum().clamp(min=1)
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state[:, :-1]
-        chunk = self.hparams.logits_chunk_size
-        loss_sum = linear_cross_entropy(head, hidden[trained], targets, chunk)
-        if loss_sum is None:  # an adapter on the head, or a sharded head
-            loss_sum = chunked_sum(chunk_cross_entropy, chunk, head, hidden[trained], targets)
+        loss_sum = linear_cross_entropy(head, hidden[trained], targets, self.hparams.logits_chunk_size)
         if not with_kl:
             return loss_sum, trained.sum(), None
         with torch.no_grad(), self.base_model() as base:

@@ -12,7 +12,8 @@ def test_linear_cross_entropy_matches_autograd_through_the_head(head_trains, aut
     hidden = torch.randn(23, 16, requires_grad=True)
     targets = torch.randint(0, 50, (23,))
     results = []
-    for loss_fn in (lambda: linear_cross_entropy(head, hidden, targets, 5), lambda: chunk_cross_entropy(head, hidden, targets)):
+    for loss_fn in (lambda: linear_cross_entropy(head, hidden, targets, 5),
+                    lambda: chunk_cross_entropy(head, hidden, targets)):
         hidden.grad = head.weight.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn()
@@ -29,15 +30,19 @@ def test_linear_cross_entropy_matches_autograd_through_the_head(head_trains, aut
         assert weight_grad is None and expected_weight_grad is None
 
 
-def test_linear_cross_entropy_declines_heads_it_cannot_fuse():
+def test_linear_cross_entropy_runs_heads_it_cannot_fuse_in_checkpointed_chunks(monkeypatch):
+    import lightning_ft.losses as losses
+
     biased = torch.nn.Linear(4, 6)
     wrapped = torch.nn.Sequential(torch.nn.Linear(4, 6, bias=False))
-    hidden, targets = torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2])
-    assert linear_cross_entropy(biased, hidden, targets, 2) is None
     sharded = torch.nn.Linear(4, 6, bias=False)
     sharded.weight = torch.nn.Parameter(torch.empty(0))  # what FSDP1 or ZeRO-3 leave outside their forward
-    assert linear_cross_entropy(wrapped, hidden, targets, 2) is None
-    assert linear_cross_entropy(sharded, hidden, targets, 2) is None
+    hidden, targets = torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2])
+    monkeypatch.setattr(losses._LinearCrossEntropy, "apply", None)  # the fused path must not be taken
+    for head in (biased, wrapped):
+        expected = chunk_cross_entropy(head, hidden, targets)
+        torch.testing.assert_close(linear_cross_entropy(head, hidden, targets, 2), expected)
+    assert not losses._fusable(sharded)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
