@@ -83,12 +83,11 @@ def resolve_model(spec: str) -> str:
         raise ModelNotFoundError(f"Model path {spec!r} does not exist.")
     if not _in_hub_cache(spec):
         # transformers would retry for half a minute or more before failing: say why at once.
-        if os.environ.get("HF_HUB_OFFLINE"):
+        why = ("offline mode is set (HF_HUB_OFFLINE)" if os.environ.get("HF_HUB_OFFLINE") else
+               None if hub_reachable() else "this machine has no network access to huggingface.co")
+        if why:
             raise ModelNotFoundError(f"Model {spec!r} not found: it is not a local directory or .gguf file, nor in "
-                                     "the Hugging Face cache, and offline mode is set (HF_HUB_OFFLINE).")
-        if not hub_reachable():
-            raise ModelNotFoundError(f"Model {spec!r} not found: it is not a local directory or .gguf file, nor in "
-                                     "the Hugging Face cache, and this machine has no network access to huggingface.co.")
+                                     f"the Hugging Face cache, and {why}.")
     return spec  # a hub id; transformers reports if the hub has no such model
 
 

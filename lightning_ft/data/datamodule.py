@@ -443,17 +443,18 @@ class ChatDataModule(LightningDataModule):
         train, val = self._split_sources()
         stats = dict.fromkeys(_STAT_KEYS, 0)
         errors: list[str] = []
+        beside_workers = bool(self.num_proc and self.num_proc > 1)
         with ThreadPoolExecutor(1) as pool:
             # The checks stream from Arrow (no Python object per conversation). With tokenising workers they run
             # in a thread of this process, which otherwise waits for the workers; reported once those are done.
             lint = None if self.checks == "off" else pool.submit(
                 lint_conversations, {"train": ArrowRows(train), "val": ArrowRows(val)})
-            if lint is not None and not (self.num_proc and self.num_proc > 1):
+            if lint is not None and not beside_workers:
                 self._check(lint.result())
             trained = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in train]
             val_parts = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in val]
             self.replay_examples = self._encode_replay(tokenizer, errors)
-            if lint is not None and self.num_proc and self.num_proc > 1:
+            if lint is not None and beside_workers:
                 self._check(lint.result())
         if errors:
             raise DataError(errors)
