@@ -79,11 +79,12 @@ class FineTuneModule(pl.LightningModule):
             decoder layer, or the fraction of layers to checkpoint, spread evenly (``0.5``: every other
             layer). Each checkpointed layer frees its saved activations and costs one more forward of that
             layer, so a fraction trades memory for speed in between ``False`` and ``True``. ``"auto"``:
-            0.9 under mixed precision (bf16/fp16 matmuls are cheap to repeat), 0.7 in full precision, where the
+            0.9 under mixed precision (bf16/fp16 matmuls are cheap to repeat), 0.6 in full precision, where the
             repeated matmuls dominate the step (README, Speed).
         trained_logits_only: Compute the output head and loss only at trained positions (same loss and
             gradients, less compute and memory); ``False`` uses the model's full logits.
-        logits_chunk_size: Trained positions per chunk of head + loss.
+        logits_chunk_size: Trained positions per chunk of head + loss (256: each chunk's logits and their
+            gradient, 2 x 256 x vocabulary floats, live on top of the forward's peak of saved activations).
         kl_beta: Weight of a KL(base || current) penalty, the mean over every real position of the batch
             (prompts included), added to the per-token loss to hold the model near what the base model would
             say (0 turns it off). For LoRA and other adapters the base is the same model with the adapter
@@ -116,7 +117,7 @@ class FineTuneModule(pl.LightningModule):
         attn_implementation: str | None = None,
         gradient_checkpointing: bool | float | Literal["auto"] = False,
         trained_logits_only: bool = True,
-        logits_chunk_size: int = 1024,
+        logits_chunk_size: int = 256,
         kl_beta: float = 0.0,
         compile: bool = False,
         optimizer: OptimizerCallable | None = None,
@@ -213,12 +214,12 @@ class FineTuneModule(pl.LightningModule):
 
     def _checkpointed_fraction(self) -> float:
         """The share of decoder layers to recompute (``gradient_checkpointing``, ``"auto"`` resolved by the
-        Trainer's precision: 0.9 mixed, 0.7 full; full precision without a Trainer)."""
+        Trainer's precision: 0.9 mixed, 0.6 full; full precision without a Trainer)."""
         setting = self.hparams.gradient_checkpointing
         if setting != "auto":
             return float(setting)
         precision = str(getattr(self._trainer, "precision", "32-true"))
-        fraction = 0.7 if precision.startswith(("32", "64")) else 0.9
+        fraction = 0.6 if precision.startswith(("32", "64")) else 0.9
         rank_zero_info(f"gradient_checkpointing: auto -> {fraction:g} of the decoder layers recomputed ({precision})")
         return fraction
 

@@ -258,8 +258,8 @@ def test_auto_checkpointing_follows_the_trainer_precision(tiny_model_dir):
     from types import SimpleNamespace
 
     module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4), gradient_checkpointing="auto")
-    assert module._checkpointed_fraction() == 0.7  # no Trainer: full precision
-    for precision, fraction in (("bf16-mixed", 0.9), ("16-mixed", 0.9), ("32-true", 0.7)):
+    assert module._checkpointed_fraction() == 0.6  # no Trainer: full precision
+    for precision, fraction in (("bf16-mixed", 0.9), ("16-mixed", 0.9), ("32-true", 0.6)):
         module._trainer = SimpleNamespace(precision=precision)
         assert module._checkpointed_fraction() == fraction
     assert FineTuneModule(tiny_model_dir, gradient_checkpointing=0.5)._checkpointed_fraction() == 0.5
