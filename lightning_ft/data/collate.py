@@ -22,6 +22,7 @@ from lightning_ft.data.formats import check_conversation
 from lightning_ft.data.labels import (
     ReplySpan,
     TemplateRefusedError,
+    TemplateTraits,
     locate_replies,
     render_text,
     stop_texts,
@@ -81,10 +82,15 @@ def render_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, c
 
 def _rendered(messages: Sequence[Mapping[str, Any]], text: str, ids: Sequence[int],
               offsets: Sequence[Sequence[int]], tokenizer: Any, chat_template: str | None, stops: Sequence[str],
-              train_reasoning: bool) -> Rendered:
-    """A :class:`Rendered` from the template's text and its tokens (one conversation of a batch, or alone)."""
-    ids, offsets = list(ids), [tuple(pair) for pair in offsets]
-    spans = locate_replies(text, messages, template_traits(tokenizer, chat_template), stops, train_reasoning)
+              train_reasoning: bool, traits: TemplateTraits | None = None) -> Rendered:
+    """A :class:`Rendered` from the template's text and its tokens (one conversation of a batch, or alone);
+    ``traits``: the template's, when the caller already learned them (once per batch, not per conversation)."""
+    ids = list(ids)
+    # A fast tokenizer's offsets are already a list of tuples: copied only when they come in another shape.
+    if not isinstance(offsets, list) or (offsets and not isinstance(offsets[0], tuple)):
+        offsets = [tuple(pair) for pair in offsets]
+    traits = traits if traits is not None else template_traits(tokenizer, chat_template)
+    spans = locate_replies(text, messages, traits, stops, train_reasoning)
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     eos_id = None
     if spans and spans[-1].message == len(messages) - 1 and not spans[-1].stopped:
@@ -250,11 +256,13 @@ def encode_conversations(conversations: Sequence[Sequence[Mapping[str, Any]]], t
             results[i] = text
     todo = [(i, text) for i, text in zip(todo, texts) if isinstance(text, str)]
     encoded = tokenizer([text for _, text in todo], add_special_tokens=False, return_offsets_mapping=True)
-    stops = stop_texts(tokenizer, stop_tokens)
+    stops, traits = stop_texts(tokenizer, stop_tokens), None
     for (i, text), ids, offsets in zip(todo, encoded["input_ids"], encoded["offset_mapping"]):
         try:
+            if traits is None:
+                traits = template_traits(tokenizer, chat_template)
             rendered = _rendered(conversations[i], text, ids, offsets, tokenizer, chat_template, stops,
-                                 train_reasoning)
+                                 train_reasoning, traits)
             results[i] = _labelled(conversations[i], rendered, masking)
         except ValueError as error:
             results[i] = error

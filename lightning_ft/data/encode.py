@@ -61,10 +61,9 @@ def encode_batch(batch: dict[str, list], *, tokenizer: Any, chat_template: str |
     """
     # Arrow stores every message with every key; an absent ``train`` opt-out comes back as None.
     conversations = [[{k: v for k, v in m.items() if v is not None} for m in chat] for chat in batch["messages"]]
-    out: dict[str, list] = {key: [] for key in ("input_ids", "labels", "length", "trained", "lost", "truncated",
-                                                "status", "error", "row", "part")}
     results = encode_conversations(conversations, tokenizer, chat_template=chat_template, **labelling)
-    for result, row, part in zip(results, batch["row"], batch["part"]):
+    rows = []
+    for result in results:
         status, error, trained, lost, cut, example = KEPT, "", 0, 0, False, None
         if isinstance(result, EmptyLabelsError):
             status, error = NO_LABELS, str(result)
@@ -76,18 +75,18 @@ def encode_batch(batch: dict[str, list], *, tokenizer: Any, chat_template: str |
             if kept is None:
                 status = DROPPED
             else:
-                cut, trained = kept is not result, count_trained(kept["labels"])
+                cut = kept is not result
+                trained = count_trained(kept["labels"]) if cut else full_trained
                 lost, example = full_trained - trained, kept
                 if not trained:
                     status, example = NO_LABELS, None
                     error = (f"conversation yields no trained token after truncation to max_length={max_length} "
                              "(raise max_length, or set truncation='drop' to skip such conversations)")
         ids, labels = (example["input_ids"], example["labels"]) if example is not None else ([], [])
-        for key, value in (("input_ids", ids), ("labels", labels), ("length", len(ids)), ("trained", trained),
-                           ("lost", lost), ("truncated", cut), ("status", status), ("error", error), ("row", row),
-                           ("part", part)):
-            out[key].append(value)
-    return out
+        rows.append((ids, labels, len(ids), trained, lost, cut, status, error))
+    columns = ("input_ids", "labels", "length", "trained", "lost", "truncated", "status", "error")
+    out = {key: list(values) for key, values in zip(columns, zip(*rows))} if rows else dict.fromkeys(columns, [])
+    return {**out, "row": batch["row"], "part": batch["part"]}
 
 
 def _features() -> Any:
