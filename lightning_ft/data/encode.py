@@ -85,7 +85,7 @@ def encode_batch(batch: dict[str, list], *, tokenizer: Any, chat_template: str |
         ids, labels = (example["input_ids"], example["labels"]) if example is not None else ([], [])
         rows.append((ids, labels, len(ids), trained, lost, cut, status, error))
     columns = ("input_ids", "labels", "length", "trained", "lost", "truncated", "status", "error")
-    out = {key: list(values) for key, values in zip(columns, zip(*rows))} if rows else dict.fromkeys(columns, [])
+    out = {key: list(values) for key, values in zip(columns, zip(*rows))} if rows else {key: [] for key in columns}
     return {**out, "row": batch["row"], "part": batch["part"]}
 
 
