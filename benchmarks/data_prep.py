@@ -4,7 +4,8 @@ Writes N synthetic multi-turn conversations (system prompt, 3-4 user/assistant t
 the default model's tokenizer) to a JSONL file, then runs each contender in a fresh process and reports
 wall time, time per 100k conversations, the ratio to the floor and peak RSS, measured the same way for every
 contender: the main process (``ru_maxrss``), the largest worker process, and the process tree (main plus
-workers, sampled every 0.2 s; pages shared after fork count once per process):
+workers, sampled every 0.2 s) twice: the sum of RSS (a page shared after fork counts once per process that
+maps it) and the sum of PSS (a shared page split between them: what the tree really holds):
 
 - ``floor``: the fast tokenizer's batched tokenisation of the same conversations rendered by the chat
   template (rendering not timed): no labels, no checks, no reading.
@@ -60,8 +61,9 @@ def _peak_mb() -> tuple[float, float]:
     return own, children
 
 
-def _tree_rss_mb(root: int) -> float:
-    """Resident memory of ``root`` and every process below it (shared pages counted once per process)."""
+def _tree_memory_mb(root: int) -> tuple[float, float]:
+    """Resident memory of ``root`` and every process below it: the sum of their RSS (a page shared after ``fork``
+    counted once per process that maps it) and of their PSS (a shared page split between the processes)."""
     parents, rss = {}, {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -76,7 +78,15 @@ def _tree_rss_mb(root: int) -> float:
         children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
         tree.update(children)
         frontier = children
-    return sum(rss.get(pid, 0) for pid in tree) / 2**20
+    return sum(rss.get(pid, 0) for pid in tree) / 2**20, sum(_pss_kb(pid) for pid in tree) / 2**10
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            return next((int(line.split()[1]) for line in rollup if line.startswith("Pss:")), 0)
+    except (OSError, ValueError):
+        return 0
 
 
 class _TreePeak(threading.Thread):
@@ -84,11 +94,12 @@ class _TreePeak(threading.Thread):
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak, self.done = 0.0, threading.Event()
+        self.peak, self.peak_pss, self.done = 0.0, 0.0, threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(0.2):
-            self.peak = max(self.peak, _tree_rss_mb(os.getpid()))
+            rss, pss = _tree_memory_mb(os.getpid())
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
 
 
 def run_floor(path: str, tokenizer_spec: str, _: int) -> dict:
@@ -168,7 +179,8 @@ def _worker(name: str, path: str, tokenizer: str, num_proc: int, batches: int) -
     sampler.done.set()
     own, children = _peak_mb()
     print(json.dumps({**result, "peak_rss_mb": round(own), "worker_peak_rss_mb": round(children),
-                      "tree_peak_rss_mb": round(max(sampler.peak, own))}))
+                      "tree_peak_rss_mb": round(max(sampler.peak, own)),
+                      "tree_peak_pss_mb": round(sampler.peak_pss)}))
 
 
 def _run(name: str, path: Path, tokenizer: str, num_proc: int, env: dict, batches: int = 0) -> dict:
@@ -215,12 +227,12 @@ def main() -> None:
                              "per_100k_s": result["seconds"] * 100_000 / count,
                              "x_floor": result["seconds"] / floor if floor else None})
     print(f"{'conversations':>13} {'contender':<26} {'tokens':>12} {'wall s':>8} {'s/100k':>8} {'x floor':>8} "
-          f"{'RSS MB':>7} {'worker MB':>9} {'tree MB':>8}")
+          f"{'RSS MB':>7} {'worker MB':>9} {'tree MB':>8} {'tree PSS':>8}")
     for row in rows:
         ratio = f"{row['x_floor']:.2f}" if row["x_floor"] else "-"
         print(f"{row['conversations']:>13,} {row['contender']:<26} {row['tokens']:>12,} {row['seconds']:>8.1f} "
               f"{row['per_100k_s']:>8.1f} {ratio:>8} {row['peak_rss_mb']:>7} {row['worker_peak_rss_mb']:>9} "
-              f"{row['tree_peak_rss_mb']:>8}")
+              f"{row['tree_peak_rss_mb']:>8} {row.get('tree_peak_pss_mb', '-'):>8}")
     print(json.dumps(rows))
 
 
