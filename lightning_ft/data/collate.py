@@ -24,6 +24,7 @@ from lightning_ft.data.labels import (
     TemplateRefusedError,
     TemplateTraits,
     locate_replies,
+    render_plain,
     render_text,
     stop_texts,
     template_traits,
@@ -235,7 +236,7 @@ def encode_conversations(conversations: Sequence[Sequence[Mapping[str, Any]]], t
                          masking: Masking = "assistant", train_reasoning: bool = True) -> list[Example | ValueError]:
     """:func:`encode_conversation` on many conversations at once, with the same result for each.
 
-    The templates are rendered in one ``apply_chat_template`` call and the texts tokenised in one batched
+    The templates are rendered in one call (:func:`~lightning_ft.data.labels.render_plain`) and the texts tokenised in one batched
     call of the fast tokenizer (its per-call overhead is most of the cost of short conversations); a
     template that refuses one conversation is then rendered one by one, so only that one fails.
 
@@ -271,12 +272,11 @@ def encode_conversations(conversations: Sequence[Sequence[Mapping[str, Any]]], t
 
 def render_texts(conversations: Sequence[Sequence[Mapping[str, Any]]], tokenizer: Any,
                 chat_template: str | None) -> list[str | ValueError]:
-    """Every conversation's render (one ``apply_chat_template`` call), or its :class:`TemplateRefusedError`."""
+    """Every conversation's render (one call of the template for the batch), or its :class:`TemplateRefusedError`."""
     if not conversations:
         return []
-    plain = [[{"role": m["role"], "content": m["content"]} for m in messages] for messages in conversations]
     try:
-        return list(tokenizer.apply_chat_template(plain, tokenize=False, chat_template=chat_template))
+        return render_plain(tokenizer, conversations, chat_template)
     except Exception:  # noqa: BLE001 - some conversation is refused: find which, one at a time
         pass
     texts: list[str | ValueError] = []

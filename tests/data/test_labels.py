@@ -18,7 +18,8 @@ from lightning_ft.data.collate import (
     encode_conversation,
     encode_conversations,
 )
-from lightning_ft.data.labels import TemplateRefusedError
+from lightning_ft.data import labels
+from lightning_ft.data.labels import TemplateRefusedError, render_plain
 
 CONVERSATION = [
     {"role": "user", "content": "What is 2+2?"},
@@ -213,6 +214,29 @@ def test_template_that_raises_is_refused_with_its_own_message(tiny_tokenizer):
     alone, refused, again = encode_conversations([CONVERSATION, WITH_SYSTEM, CONVERSATION], tokenizer)
     assert alone == again == encode_conversation(CONVERSATION, tokenizer)
     assert isinstance(refused, TemplateRefusedError) and "System role not supported" in str(refused)
+
+
+@pytest.mark.parametrize("template", [None, LLAMA3_LIKE, LLAMA2_LIKE, R1_LIKE, REASONING_STRIPPED],
+                         ids=["chatml", "llama3", "llama2", "r1", "reasoning-stripped"])
+def test_direct_render_is_apply_chat_template_text(tiny_tokenizer, template, monkeypatch):
+    monkeypatch.setattr(labels, "_DIRECT_RENDER", {})
+    tokenizer = make_tokenizer(tiny_tokenizer, template or tiny_tokenizer.chat_template, ["<s>", "</s>"], eos="</s>",
+                               bos="<s>")
+    chats = [WITH_SYSTEM, REASONING, CONVERSATION]
+    for prompt in (False, True):
+        expected = tokenizer.apply_chat_template(
+            [[{"role": m["role"], "content": m["content"]} for m in chat] for chat in chats], tokenize=False,
+            add_generation_prompt=prompt)
+        assert render_plain(tokenizer, chats, None, add_generation_prompt=prompt) == expected
+    assert list(labels._DIRECT_RENDER.values()) == [True, True]  # transformers' renderer, checked, then used
+
+
+def test_direct_render_that_differs_is_not_used(tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(labels, "_DIRECT_RENDER", {})
+    monkeypatch.setattr(labels, "_render_jinja", lambda **kwargs: (["not the template's text"], None))
+    expected = tiny_tokenizer.apply_chat_template([CONVERSATION, CONVERSATION], tokenize=False)
+    assert render_plain(tiny_tokenizer, [CONVERSATION, CONVERSATION], None) == expected
+    assert list(labels._DIRECT_RENDER.values()) == [False]
 
 
 def test_r1_like_generation_prompt_the_finished_turn_never_contains(tiny_tokenizer):
