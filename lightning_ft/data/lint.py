@@ -12,7 +12,6 @@ for the rare-value check.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import math
 import re
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import xxhash
 
 from lightning_ft.data import minhash
 from lightning_ft.data.minhash import normalize
@@ -111,9 +111,15 @@ def _last_assistant(messages: Sequence[Mapping[str, Any]]) -> int:
     return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
 
+def prompt_and_answer(messages: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """:func:`prompt_of` and :func:`answer_of`, finding the last assistant turn once."""
+    last = _last_assistant(messages)
+    return "\n".join(m["content"] for m in messages[:last] if m["role"] != "system"), messages[last]["content"]
+
+
 def prompt_of(messages: Sequence[Mapping[str, Any]]) -> str:
     """Every non-system message before the last assistant turn."""
-    return "\n".join(m["content"] for m in messages[:_last_assistant(messages)] if m["role"] != "system")
+    return prompt_and_answer(messages)[0]
 
 
 def answer_of(messages: Sequence[Mapping[str, Any]]) -> str:
@@ -129,7 +135,7 @@ def digest(text: str | None) -> int:
     """A stable 64-bit hash (0 for ``None``)."""
     if text is None:
         return 0
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") | 1
+    return xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) | 1
 
 
 @dataclass
@@ -171,33 +177,41 @@ def response_shape(text: str) -> tuple[str, tuple[str, ...] | None, str | None]:
     return "text", None, None
 
 
+_DTYPES = {"raw": np.uint64, "prompt": np.uint64, "answer": np.uint64, "system": np.uint64, "keys": np.uint64,
+           "shape": np.int8, "prompt_length": np.int64, "answer_length": np.int64}
+
+
 def features(rows: Rows, prompt_bands: bool = False) -> Features:
-    """One pass over ``rows``; ``prompt_bands`` also MinHashes the prompts alone (for leakage)."""
-    columns: dict[str, list] = {key: [] for key in Features.__dataclass_fields__}
+    """One pass over ``rows``; ``prompt_bands`` also MinHashes the prompts alone (for leakage).
+
+    Each batch's values become arrays at once: a million conversations never stand as Python integers.
+    """
+    columns: dict[str, list[np.ndarray]] = {key: [] for key in Features.__dataclass_fields__}
     for batch in rows.batches():
-        prompts, answers = [prompt_of(m) for m in batch], [answer_of(m) for m in batch]
+        pairs = [prompt_and_answer(messages) for messages in batch]
+        prompts, answers = [p for p, _ in pairs], [a for _, a in pairs]
         plain_prompts, plain_answers = [normalize(p) for p in prompts], [normalize(a) for a in answers]
-        for messages, prompt, answer in zip(batch, plain_prompts, plain_answers):
-            shape, keys, _ = response_shape(messages[_last_assistant(messages)]["content"])
-            columns["raw"].append(digest("\x1e".join(f"{m['role']}\x1f{m['content']}" for m in messages)))
-            columns["prompt"].append(digest(prompt))
-            columns["answer"].append(digest(answer))
-            columns["system"].append(digest(system_of(messages)))
-            columns["shape"].append(SHAPES.index(shape))
-            columns["keys"].append(digest(json.dumps(keys)) if keys is not None else 0)
-        columns["prompt_length"] += [len(p) for p in prompts]
-        columns["answer_length"] += [len(a) for a in answers]
+        values: dict[str, list] = {key: [] for key in _DTYPES}
+        for messages, prompt, answer, reply in zip(batch, plain_prompts, plain_answers, answers):
+            shape, keys, _ = response_shape(reply)
+            values["raw"].append(digest("\x1e".join(f"{m['role']}\x1f{m['content']}" for m in messages)))
+            values["prompt"].append(digest(prompt))
+            values["answer"].append(digest(answer))
+            values["system"].append(digest(system_of(messages)))
+            values["shape"].append(SHAPES.index(shape))
+            values["keys"].append(digest(json.dumps(keys)) if keys is not None else 0)
+        values["prompt_length"], values["answer_length"] = [len(p) for p in prompts], [len(a) for a in answers]
+        for key, dtype in _DTYPES.items():
+            columns[key].append(np.array(values[key], dtype=dtype))
         # normalize(prompt + "\n" + answer) is the two normalised texts joined by a space.
         columns["text_bands"].append(minhash.band_hashes(
             [f"{p} {a}".strip() for p, a in zip(plain_prompts, plain_answers)], normalized=True))
         if prompt_bands:
             columns["prompt_bands"].append(minhash.band_hashes(plain_prompts, normalized=True))
     empty = np.zeros((0, minhash.BANDS), dtype=np.uint64)
-    hashes = {key: np.array(columns[key], dtype=np.uint64) for key in ("raw", "prompt", "answer", "system", "keys")}
-    return Features(**hashes, shape=np.array(columns["shape"], dtype=np.int8),
-                    prompt_length=np.array(columns["prompt_length"], dtype=np.int64),
-                    answer_length=np.array(columns["answer_length"], dtype=np.int64),
-                    text_bands=np.concatenate(columns["text_bands"]) if columns["text_bands"] else empty,
+    arrays = {key: np.concatenate(columns[key]) if columns[key] else np.zeros(0, dtype=dtype)
+              for key, dtype in _DTYPES.items()}
+    return Features(**arrays, text_bands=np.concatenate(columns["text_bands"]) if columns["text_bands"] else empty,
                     prompt_bands=(np.concatenate(columns["prompt_bands"]) if columns["prompt_bands"] else empty)
                     if prompt_bands else None)
 

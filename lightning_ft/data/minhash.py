@@ -13,6 +13,7 @@ each text is compared with at most ``PER_BUCKET`` earlier texts of a bucket.
 
 from __future__ import annotations
 
+import itertools
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -47,13 +48,28 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 0.0
 
 
-def _gram_hashes(normalized: str, size: int = 3) -> np.ndarray:
-    """A 64-bit hash of each word ``size``-gram of normalised text (the same grams as :func:`shingles`)."""
-    words = normalized.encode("utf-8", "surrogatepass").split()
-    hashed = np.fromiter(map(zlib.crc32, words), np.uint64, len(words))
-    if len(words) <= size:  # the whole text is one gram
-        return (hashed * _GRAM[:len(words)]).sum(keepdims=True) if len(words) else hashed
-    return sum(hashed[k:len(words) - size + 1 + k] * _GRAM[k] for k in range(size))  # wraps: a hash per gram
+def _gram_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A 64-bit hash of each word 3-gram of each normalised text (the same grams as :func:`shingles`), in one pass
+    over the batch: ``(hashes, grams per text)``; a text of three words or fewer is one gram, one without words none.
+    """
+    words = [text.encode("utf-8", "surrogatepass").split() for text in texts]
+    counts = np.fromiter(map(len, words), np.int64, len(words))
+    hashed = np.fromiter(map(zlib.crc32, itertools.chain.from_iterable(words)), np.uint64, int(counts.sum()))
+    padded = np.concatenate([hashed, np.zeros(2, dtype=np.uint64)])
+    # sums[k][p]: the gram of up to k + 1 words starting at word p (wraps); a short text uses its own length's.
+    sums = [padded[:len(hashed)] * _GRAM[0]]
+    for k in (1, 2):
+        sums.append(sums[-1] + padded[k:k + len(hashed)] * _GRAM[k])
+    grams = np.maximum(counts - 2, 1) * (counts > 0)
+    starts = np.repeat(np.cumsum(counts) - counts, grams) + _ranges(grams)
+    width = np.repeat(np.minimum(counts, 3) - 1, grams)
+    return np.stack(sums)[width, starts], grams
+
+
+def _ranges(sizes: np.ndarray) -> np.ndarray:
+    """``0..size-1`` for each size, concatenated."""
+    ends = np.cumsum(sizes)
+    return np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - sizes, sizes)
 
 
 def band_hashes(texts: Sequence[str], normalized: bool = False) -> np.ndarray:
@@ -62,12 +78,11 @@ def band_hashes(texts: Sequence[str], normalized: bool = False) -> np.ndarray:
     ``normalized``: the texts are already :func:`normalize`-d.
     """
     out = np.zeros((len(texts), BANDS), dtype=np.uint64)
-    grams = [_gram_hashes(text if normalized else normalize(text)) for text in texts]
-    rows = [i for i, g in enumerate(grams) if len(g)]
-    if not rows:
+    flat, grams = _gram_hashes(texts if normalized else [normalize(text) for text in texts])
+    rows = np.flatnonzero(grams)
+    if not len(rows):
         return out
-    starts = np.cumsum([0] + [len(grams[i]) for i in rows[:-1]])
-    flat = np.concatenate([grams[i] for i in rows])
+    starts = np.cumsum(grams[rows]) - grams[rows]
     # A repeated gram cannot change a minimum: the multiset's MinHash is the set's. One hash function at a time
     # keeps the temporary at one number per gram (all at once would be BANDS * ROWS per gram).
     minima = np.empty((len(rows), BANDS * ROWS), dtype=np.uint64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -176,6 +177,29 @@ def test_lsh_memory_holds_band_hashes_not_pairs():
     same = minhash.band_hashes(["a b c d e"] * 50)
     pairs = list(minhash.candidates(same))  # 50 copies: each compared with a bounded number of earlier ones
     assert len(pairs) <= 50 * minhash.BANDS * minhash.PER_BUCKET and len(pairs) < 50 * 49 // 2 * minhash.BANDS
+
+
+def test_batched_gram_hashes_are_each_texts_own():
+    # The batch is hashed in one pass; each text must get the grams it gets alone: 3-word windows, or the
+    # whole text as one gram when it has three words or fewer, none without words.
+    def alone(text):
+        words = [np.uint64(zlib.crc32(w)) for w in minhash.normalize(text).encode().split()]
+        if len(words) <= 3:
+            return [sum((w * g for w, g in zip(words, minhash._GRAM)), np.uint64(0))] if words else []
+        return [words[i] * minhash._GRAM[0] + words[i + 1] * minhash._GRAM[1] + words[i + 2] * minhash._GRAM[2]
+                for i in range(len(words) - 2)]
+
+    rng = random.Random(3)
+    texts = ["", "!!", "one", "one two", "one two three", "One, two; three four", "ä ü 日本 x"]
+    texts += [" ".join(rng.choices("a b c d e f".split(), k=rng.randint(0, 12))) for _ in range(200)]
+    with np.errstate(over="ignore"):
+        flat, grams = minhash._gram_hashes([minhash.normalize(text) for text in texts])
+        expected = [alone(text) for text in texts]
+    assert grams.tolist() == [len(e) for e in expected]
+    assert flat.tolist() == [int(h) for e in expected for h in e]
+    bands = minhash.band_hashes(texts)
+    assert (bands[[not e for e in expected]] == 0).all() and (bands[[bool(e) for e in expected]] != 0).all()
+    assert (minhash.band_hashes(texts[5:6]) == bands[5:6]).all()
 
 
 def test_role_tokens_sum_to_the_rendered_length(tiny_tokenizer):
