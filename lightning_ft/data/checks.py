@@ -12,6 +12,7 @@ numbers per conversation; near-duplicates are the word 3-gram Jaccard similarity
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -27,10 +28,13 @@ from lightning_ft.data.collate import (
     render_texts,
     truncate_example,
 )
+from lightning_ft.atomic import write_text_atomic
+from lightning_ft.data.encode import content_digest
 from lightning_ft.data.formats import ROLES, Conversation, DataError, DataProblem
 from lightning_ft.data import minhash
 from lightning_ft.data.lint import (
     SHAPES,
+    ArrowRows,
     ConversationRows,
     Features,
     Rows,
@@ -46,6 +50,8 @@ from lightning_ft.data.lint import (
     value_counts,
 )
 from lightning_ft.data.minhash import normalize
+from lightning_ft.data.sources import SourceData
+from lightning_ft.models import cache_dir
 
 Severity = Literal["error", "warning", "info"]
 #: Similarity (Jaccard over word 3-grams) from which two conversations count as near-duplicates.
@@ -340,6 +346,38 @@ def lint_conversations(splits: Mapping[str, Sequence[Conversation] | Rows],
         if name != "train" and name in found and leaks:
             findings += find_leakage(rows["train"], data, threshold, "validation" if name == "val" else name,
                                      found["train"], found[name])
+    return findings
+
+
+#: Bumped whenever a check changes what it finds, invalidating every stored report.
+CHECKS_VERSION = 1
+
+
+def lint_sources(splits: Mapping[str, Sequence[tuple[SourceData, Any]]], cache: bool = True) -> list[Finding]:
+    """:func:`lint_conversations` over sources read into Arrow (``{split: [(source, conversations), ...]}``).
+
+    With ``cache``, the findings are kept in ``$LIGHTNING_FT_CACHE/checks/<key>.json``, keyed by the checks'
+    version and threshold and by each part's source, locations and content, so a run on data checked before
+    reads them back instead of checking it again (a report that cannot be read is checked afresh).
+    """
+    rows = {name: ArrowRows(list(parts)) for name, parts in splits.items()}
+    if not cache:
+        return lint_conversations(rows)
+    identity = [CHECKS_VERSION, NEAR_DUPLICATE_THRESHOLD,
+                {name: [[part.source.label, part.units, content_digest(data)] for part, data in parts]
+                 for name, parts in splits.items()}]
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    path = cache_dir() / "checks" / f"{key}.json"
+    try:
+        return [Finding(**item) for item in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError):  # none yet, or unreadable: check the data
+        pass
+    findings = lint_conversations(rows)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps([asdict(finding) for finding in findings]))
+    except OSError:  # a read-only cache only costs the next run the checks
+        pass
     return findings
 
 

@@ -17,7 +17,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_ft.data.batching import BatchingChoice, choose_batching
-from lightning_ft.data.checks import enforce, lint_conversations
+from lightning_ft.data.checks import enforce, lint_sources
 from lightning_ft.data.collate import MASKING, ChatCollator
 from lightning_ft.data.encode import DROPPED, KEPT, NO_LABELS, TEMPLATE_ERROR, encode_dataset
 from lightning_ft.data.formats import FORMATS, Conversation, DataError, DataProblem
@@ -172,6 +172,8 @@ class ChatDataModule(LightningDataModule):
         encode_cache: Keep encoded conversations on disk as Arrow (``$LIGHTNING_FT_CACHE/encoded``), keyed by
             their content, the tokenizer, the chat template, the truncation and labelling settings, so later
             runs on the same data skip tokenising; an entry is checked (rows, lengths, token checksum) before use.
+            The data checks' findings are kept too (``$LIGHTNING_FT_CACHE/checks``), keyed by the conversations'
+            content and locations, so a later run on the same data reads them back instead of checking again.
         num_workers: DataLoader worker processes.
         seed: Seeds the validation split, the training shuffle and the replay draws.
         replay_path: General conversations mixed into training to keep what the base model knew (replay);
@@ -448,7 +450,7 @@ class ChatDataModule(LightningDataModule):
             # The checks stream from Arrow (no Python object per conversation). With tokenising workers they run
             # in a thread of this process, which otherwise waits for the workers; reported once those are done.
             lint = None if self.checks == "off" else pool.submit(
-                lint_conversations, {"train": ArrowRows(train), "val": ArrowRows(val)})
+                lint_sources, {"train": train, "val": val}, self.encode_cache)
             if lint is not None and not beside_workers:
                 self._check(lint.result())
             trained = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in train]

@@ -111,13 +111,18 @@ def _digest(dataset: Any, columns: list[str]) -> str:
     return digest.hexdigest()
 
 
+def content_digest(conversations: Any) -> str:
+    """A content hash of a dataset of conversations (``messages``, ``row``, ``part``)."""
+    return _digest(conversations, ["messages", "row", "part"])
+
+
 def encoding_key(conversations: Any, tokenizer: Any, chat_template: str | None, max_length: int,
                  truncation: str, labelling: Mapping[str, Any] | None = None) -> str:
     """The cache key of encoding ``conversations`` (an Arrow dataset with ``messages``) with these settings."""
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     settings = json.dumps([ENCODING_VERSION, tokenizer_fingerprint(tokenizer), template, max_length, truncation,
                            dict(labelling or {})], sort_keys=True)
-    return hashlib.sha256((settings + _digest(conversations, ["messages", "row", "part"])).encode()).hexdigest()
+    return hashlib.sha256((settings + content_digest(conversations)).encode()).hexdigest()
 
 
 def _file_digest(files: list[Path], columns: list[str]) -> str:

@@ -11,6 +11,7 @@ from conftest import TINY_TOKENIZER_DIR
 from helpers import chat_record, write_chat_file
 
 from lightning_ft.cli import console_main, main
+from lightning_ft.data import checks
 from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.data.formats import DataError
 
@@ -158,6 +159,30 @@ def test_fit_prints_data_warnings_once(tmp_path):
         data.setup("fit")
     found = [str(w.message) for w in caught if "Data checks found" in str(w.message)]
     assert len(found) == 1 and f"{train}:7: warning [exact-duplicate] identical to {train}:3" in found[0]
+
+
+def test_a_second_fit_on_the_same_data_reads_the_findings_back(tmp_path, monkeypatch):
+    def setup(path, **kwargs):
+        data = ChatDataModule(path, tokenizer=TINY_TOKENIZER_DIR, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data.setup("fit")
+        return [str(w.message) for w in caught if "Data checks found" in str(w.message)]
+
+    monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path / "cache"))
+    train = write_records(tmp_path / "train.jsonl", [chat_record(i) for i in range(6)] + [chat_record(2)])
+    checked, lint = [], checks.lint_conversations
+    monkeypatch.setattr(checks, "lint_conversations", lambda *a, **kw: checked.append(1) or lint(*a, **kw))
+    first = setup(train)
+    assert checked == [1] and f"{train}:7: warning [exact-duplicate] identical to {train}:3" in first[0]
+    assert setup(train) == first and checked == [1]  # read back: the checks did not run again
+    [stored] = (tmp_path / "cache" / "checks").iterdir()
+    stored.write_text("{not json")
+    assert setup(train) == first and checked == [1, 1]  # an unreadable report is checked afresh
+    assert setup(train, encode_cache=False) == first and checked == [1, 1, 1]
+    moved = write_records(tmp_path / "other.jsonl", [chat_record(i) for i in range(6)] + [chat_record(2)])
+    assert f"{moved}:7: warning [exact-duplicate] identical to {moved}:3" in setup(moved)[0]  # locations are keyed
+    assert checked == [1, 1, 1, 1]
 
 
 def test_fit_with_strict_checks_stops_before_anything_is_written(tiny_model_dir, tmp_path):
