@@ -33,6 +33,7 @@ from lightning_ft.data.collate import (
     truncate_example,
 )
 from lightning_ft.atomic import atomic_directory
+from lightning_ft.data.pages import MappedPages, Releasing, dataset_files
 from lightning_ft.data.sources import datasets_progress
 from lightning_ft.models import cache_dir
 
@@ -102,12 +103,13 @@ def _digest(dataset: Any, columns: list[str]) -> str:
     """A content hash of ``columns`` (Arrow IPC bytes of each batch), selections and slices included."""
     import xxhash
 
-    digest = xxhash.xxh3_128()
+    digest, pages = xxhash.xxh3_128(), MappedPages(dataset_files(dataset))
     for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=20_000):
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         digest.update(sink.getvalue())
+        pages.release()  # the pass leaves no more of the file resident than a batch
     return digest.hexdigest()
 
 
@@ -211,7 +213,7 @@ def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None
     try:
         with datasets_progress(len(conversations)):
             encoded = conversations.map(
-                encode_batch, batched=True, batch_size=512, num_proc=procs, desc=description, features=_features(),
+                Releasing(encode_batch, conversations), batched=True, batch_size=512, num_proc=procs, desc=description, features=_features(),
                 remove_columns=conversations.column_names, cache_file_name=str(staging / "data.arrow"),
                 new_fingerprint=(key or os.urandom(16).hex())[:32],
                 fn_kwargs={"tokenizer": tokenizer, "chat_template": chat_template, "max_length": max_length,

@@ -25,6 +25,7 @@ import xxhash
 
 from lightning_ft.data import minhash
 from lightning_ft.data.minhash import normalize
+from lightning_ft.data.pages import MappedPages, dataset_files
 
 SHAPES = ("JSON object", "JSON array", "broken JSON", "code block", "list", "text")
 _BATCH = 1000
@@ -81,8 +82,11 @@ class ArrowRows:
 
     def batches(self) -> Iterator[list[Sequence[Mapping[str, Any]]]]:
         for _, dataset in self.parts:
+            pages = MappedPages(dataset_files(dataset))  # a pass leaves no more of the file resident than a batch
             for batch in dataset.select_columns(["messages"]).iter(batch_size=_BATCH):
                 yield batch["messages"]
+                pages.tick()
+            pages.release()
 
     def _record(self, index: int) -> tuple[Any, dict[str, Any]]:
         part = bisect.bisect_right(self.starts, index) - 1

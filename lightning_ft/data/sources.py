@@ -34,6 +34,7 @@ from lightning_ft.data.formats import (
     format_location,
     load_records,
 )
+from lightning_ft.data.pages import Releasing
 from lightning_ft.models import cache_dir, hub_reachable
 
 #: File types read as one record per line, one JSON list, or a table.
@@ -408,7 +409,8 @@ def _table_format(label: str, ds: Any, format: str, columns: dict[str, str] | No
 def _map(ds: Any, function: Any, num_proc: int | None, description: str, **kwargs: Any) -> Any:
     procs = num_proc if num_proc and num_proc > 1 and len(ds) >= _PARALLEL_FROM else None
     with datasets_progress(len(ds)):
-        return ds.map(function, batched=True, batch_size=1000, num_proc=procs, desc=description, **kwargs)
+        return ds.map(Releasing(function, ds), batched=True, batch_size=1000, num_proc=procs, desc=description,
+                      **kwargs)
 
 
 def _problems(label: str, unit: str, converted: Any) -> tuple[list[DataProblem], np.ndarray]:
