@@ -236,9 +236,9 @@ def encode_conversations(conversations: Sequence[Sequence[Mapping[str, Any]]], t
                          masking: Masking = "assistant", train_reasoning: bool = True) -> list[Example | ValueError]:
     """:func:`encode_conversation` on many conversations at once, with the same result for each.
 
-    The templates are rendered in one call (:func:`~lightning_ft.data.labels.render_plain`) and the texts tokenised in one batched
-    call of the fast tokenizer (its per-call overhead is most of the cost of short conversations); a
-    template that refuses one conversation is then rendered one by one, so only that one fails.
+    The templates are rendered in one call (:func:`~lightning_ft.data.labels.render_plain`) and the texts
+    tokenised in one batched call of the fast tokenizer (its per-call overhead is most of the cost of short
+    conversations); a template that refuses one conversation is then rendered one by one, so only that one fails.
 
     Returns:
         Per conversation, its example, or the error :func:`encode_conversation` would raise

@@ -213,9 +213,9 @@ def encode_dataset(conversations: Any, tokenizer: Any, chat_template: str | None
     try:
         with datasets_progress(len(conversations)):
             encoded = conversations.map(
-                Releasing(encode_batch, conversations), batched=True, batch_size=512, num_proc=procs, desc=description, features=_features(),
-                remove_columns=conversations.column_names, cache_file_name=str(staging / "data.arrow"),
-                new_fingerprint=(key or os.urandom(16).hex())[:32],
+                Releasing(encode_batch, conversations), batched=True, batch_size=512, num_proc=procs,
+                desc=description, features=_features(), remove_columns=conversations.column_names,
+                cache_file_name=str(staging / "data.arrow"), new_fingerprint=(key or os.urandom(16).hex())[:32],
                 fn_kwargs={"tokenizer": tokenizer, "chat_template": chat_template, "max_length": max_length,
                            "truncation": truncation, "labelling": labelling})
         if target is not None and not bool(pc.any(pc.equal(encoded.data.column("status"), TEMPLATE_ERROR)).as_py()):
