@@ -95,7 +95,7 @@ def render_plain(tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, A
         return list(tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                   chat_template=chat_template))
 
-    if _render_jinja is None:
+    if _render_jinja is None or not hasattr(tokenizer, "get_chat_template"):
         return reference(plain)
     template, specials = tokenizer.get_chat_template(chat_template), tokenizer.special_tokens_map
 
