@@ -52,6 +52,7 @@ from lightning_ft.data.lint import (
 from lightning_ft.data.minhash import normalize
 from lightning_ft.data.sources import SourceData
 from lightning_ft.models import cache_dir
+from lightning_ft.progress import StageProgress
 
 Severity = Literal["error", "warning", "info"]
 #: Similarity (Jaccard over word 3-grams) from which two conversations count as near-duplicates.
@@ -328,16 +329,22 @@ def find_inconsistencies(conversations: Sequence[Conversation] | Rows,
 
 
 def lint_conversations(splits: Mapping[str, Sequence[Conversation] | Rows],
-                       threshold: float = NEAR_DUPLICATE_THRESHOLD) -> list[Finding]:
+                       threshold: float = NEAR_DUPLICATE_THRESHOLD, progress: bool = False) -> list[Finding]:
     """Every model-free check; ``splits`` maps ``train``/``val``/others to conversations or :class:`Rows`.
 
     Duplicates and consistency are checked per split (the validation set should look like training);
     every split other than ``train`` is checked for prompts leaking from ``train``. Each split is read once
-    (plus the rows findings quote), so memory stays a few numbers per conversation.
+    (plus the rows findings quote), so memory stays a few numbers per conversation. ``progress`` prints a
+    line every 10 s of the pass once it has taken 3 s.
     """
     rows = {name: _as_rows(data) for name, data in splits.items()}
     leaks = any(name != "train" and len(data) for name, data in rows.items()) and len(rows.get("train", ()))
-    found = {name: features(data, prompt_bands=bool(leaks)) for name, data in rows.items() if len(data)}
+    reading = StageProgress("Checking the data", sum(len(data) for data in rows.values()),
+                            "conversations") if progress else None
+    found = {name: features(data, prompt_bands=bool(leaks), progress=reading)
+             for name, data in rows.items() if len(data)}
+    if reading is not None:
+        reading.close()
     findings = []
     for name, data in rows.items():
         if name in found:
@@ -353,7 +360,8 @@ def lint_conversations(splits: Mapping[str, Sequence[Conversation] | Rows],
 CHECKS_VERSION = 1
 
 
-def lint_sources(splits: Mapping[str, Sequence[tuple[SourceData, Any]]], cache: bool = True) -> list[Finding]:
+def lint_sources(splits: Mapping[str, Sequence[tuple[SourceData, Any]]], cache: bool = True,
+                 progress: bool = False) -> list[Finding]:
     """:func:`lint_conversations` over sources read into Arrow (``{split: [(source, conversations), ...]}``).
 
     With ``cache``, the findings are kept in ``$LIGHTNING_FT_CACHE/checks/<key>.json``, keyed by the checks'
@@ -362,7 +370,7 @@ def lint_sources(splits: Mapping[str, Sequence[tuple[SourceData, Any]]], cache: 
     """
     rows = {name: ArrowRows(list(parts)) for name, parts in splits.items()}
     if not cache:
-        return lint_conversations(rows)
+        return lint_conversations(rows, progress=progress)
     identity = [CHECKS_VERSION, NEAR_DUPLICATE_THRESHOLD,
                 {name: [[part.source.label, part.units, content_digest(data)] for part, data in parts]
                  for name, parts in splits.items()}]
@@ -372,7 +380,7 @@ def lint_sources(splits: Mapping[str, Sequence[tuple[SourceData, Any]]], cache: 
         return [Finding(**item) for item in json.loads(path.read_text())]
     except (OSError, ValueError, TypeError):  # none yet, or unreadable: check the data
         pass
-    findings = lint_conversations(rows)
+    findings = lint_conversations(rows, progress=progress)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps([asdict(finding) for finding in findings]))

@@ -448,9 +448,10 @@ class ChatDataModule(LightningDataModule):
         beside_workers = bool(self.num_proc and self.num_proc > 1)
         with ThreadPoolExecutor(1) as pool:
             # The checks stream from Arrow (no Python object per conversation). With tokenising workers they run
-            # in a thread of this process, which otherwise waits for the workers; reported once those are done.
+            # in a thread of this process, which otherwise waits for the workers, reported once those are done
+            # (the workers' progress bar is the stage's); alone, they print their own progress lines.
             lint = None if self.checks == "off" else pool.submit(
-                lint_sources, {"train": train, "val": val}, self.encode_cache)
+                lint_sources, {"train": train, "val": val}, self.encode_cache, not beside_workers)
             if lint is not None and not beside_workers:
                 self._check(lint.result())
             trained = [self._encode(part, ds, tokenizer, stats, errors) for part, ds in train]

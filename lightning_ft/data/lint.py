@@ -185,8 +185,9 @@ _DTYPES = {"raw": np.uint64, "prompt": np.uint64, "answer": np.uint64, "system":
            "shape": np.int8, "prompt_length": np.int64, "answer_length": np.int64}
 
 
-def features(rows: Rows, prompt_bands: bool = False) -> Features:
-    """One pass over ``rows``; ``prompt_bands`` also MinHashes the prompts alone (for leakage).
+def features(rows: Rows, prompt_bands: bool = False, progress: Any = None) -> Features:
+    """One pass over ``rows``; ``prompt_bands`` also MinHashes the prompts alone (for leakage); ``progress``
+    (e.g. a :class:`~lightning_ft.progress.StageProgress`) is advanced by each batch's size.
 
     Each batch's values become arrays at once: a million conversations never stand as Python integers.
     """
@@ -212,6 +213,8 @@ def features(rows: Rows, prompt_bands: bool = False) -> Features:
             [f"{p} {a}".strip() for p, a in zip(plain_prompts, plain_answers)], normalized=True))
         if prompt_bands:
             columns["prompt_bands"].append(minhash.band_hashes(plain_prompts, normalized=True))
+        if progress is not None:
+            progress.advance(len(batch))
     empty = np.zeros((0, minhash.BANDS), dtype=np.uint64)
     arrays = {key: np.concatenate(columns[key]) if columns[key] else np.zeros(0, dtype=dtype)
               for key, dtype in _DTYPES.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -200,6 +201,19 @@ def test_batched_gram_hashes_are_each_texts_own():
     bands = minhash.band_hashes(texts)
     assert (bands[[not e for e in expected]] == 0).all() and (bands[[bool(e) for e in expected]] != 0).all()
     assert (minhash.band_hashes(texts[5:6]) == bands[5:6]).all()
+
+
+def test_the_checks_say_how_far_they_are_when_asked(monkeypatch, capsys):
+    from lightning_ft.data import checks
+    from lightning_ft.progress import StageProgress
+
+    monkeypatch.setattr(checks, "StageProgress", functools.partial(StageProgress, quiet_for=0, every=0))
+    data = {"train": [ticket(i) for i in range(30)], "val": [ticket(100 + i) for i in range(5)]}
+    assert checks.lint_conversations(data, progress=True) == checks.lint_conversations(data)
+    lines = capsys.readouterr().out.splitlines()  # a line per batch read (one per split here), then the total
+    assert len(lines) == 3 and lines[0].startswith("Checking the data: 30/35 conversations (86%, ETA ")
+    assert lines[1].startswith("Checking the data: 35/35 conversations (100%, ETA ")
+    assert lines[2].startswith("Checking the data: done, 35 conversations in ")
 
 
 def test_role_tokens_sum_to_the_rendered_length(tiny_tokenizer):
