@@ -80,13 +80,19 @@ class ArrowRows:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def batches(self) -> Iterator[list[Sequence[Mapping[str, Any]]]]:
-        for _, dataset in self.parts:
-            pages = MappedPages(dataset_files(dataset))  # a pass leaves no more of the file resident than a batch
-            for batch in dataset.select_columns(["messages"]).iter(batch_size=_BATCH):
-                yield batch["messages"]
+    def _read(self, columns: list[str]) -> Iterator[tuple[Any, dict[str, list]]]:
+        """``(source, batch of columns)`` of every part in order, in one pass that leaves no more of the
+        memory-mapped files resident than a few batches."""
+        for source, dataset in self.parts:
+            pages = MappedPages(dataset_files(dataset))
+            for batch in dataset.select_columns(columns).iter(batch_size=_BATCH):
+                yield source, batch
                 pages.tick()
             pages.release()
+
+    def batches(self) -> Iterator[list[Sequence[Mapping[str, Any]]]]:
+        for _, batch in self._read(["messages"]):
+            yield batch["messages"]
 
     def _record(self, index: int) -> tuple[Any, dict[str, Any]]:
         part = bisect.bisect_right(self.starts, index) - 1
@@ -103,12 +109,11 @@ class ArrowRows:
     def conversations(self) -> Iterator[Any]:
         from lightning_ft.data.formats import Conversation
 
-        for source, dataset in self.parts:
-            for batch in dataset.iter(batch_size=_BATCH):
-                for messages, part, row in zip(batch["messages"], batch["part"], batch["row"]):
-                    # Arrow gives every message every key; an absent ``train`` opt-out comes back as None.
-                    yield Conversation(tuple({k: v for k, v in m.items() if v is not None} for m in messages),
-                                       source.location(part, row))
+        for source, batch in self._read(["messages", "part", "row"]):
+            for messages, part, row in zip(batch["messages"], batch["part"], batch["row"]):
+                # Arrow gives every message every key; an absent ``train`` opt-out comes back as None.
+                yield Conversation(tuple({k: v for k, v in m.items() if v is not None} for m in messages),
+                                   source.location(part, row))
 
 
 def _last_assistant(messages: Sequence[Mapping[str, Any]]) -> int:
