@@ -24,9 +24,18 @@ STAMP="$VENV/.lightning_ft-setup"
 WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) $(pwd)"
 # find_spec, not import: importing torch alone takes seconds.
 INSTALLED='import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ("lightning_ft", "torch"))))'
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$PY" -c "$INSTALLED" 2>/dev/null; then
-    echo "$PY"
-    exit 0
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+    if "$PY" -c "$INSTALLED" 2>/dev/null; then
+        echo "$PY"
+        exit 0
+    fi
+    echo "The set-up stamp of $VENV is current but $PY cannot find torch or lightning_ft: installing again" >&2
+fi
+# Installing needs the chosen environment's own pip: a venv made with --without-pip has none, and one borrowed
+# from the system's site-packages belongs to another installation.
+if ! "$PY" -c 'import sys, pip; sys.exit(sys.prefix != sys.base_prefix and not pip.__file__.startswith(sys.prefix))' 2>/dev/null; then
+    echo "error: $VENV has no pip of its own: run '$PY -m ensurepip --upgrade' (or remove $VENV to recreate it)" >&2
+    exit 1
 fi
 
 echo "Installing lightning_ft and its dependencies into $VENV (once)" >&2

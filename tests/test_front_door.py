@@ -155,15 +155,45 @@ def test_the_readme_leads_with_the_two_commands():
     assert re.search(r"^make test\b", ci, re.M)
 
 
-def test_setup_is_fast_and_quiet_once_done(tmp_path):
-    """The stamp of an environment set up for this pyproject.toml skips every install."""
-    venv = tmp_path / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+def _throwaway_venv(path: Path, see_this_environment: bool) -> Path:
+    """A venv without pip that sees nothing installed outside it, or (``see_this_environment``) exactly the
+    running environment's packages: never the base interpreter's, which a new user's machine has empty."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    if see_this_environment:
+        site_packages = next(path.glob("lib/python*/site-packages"))
+        dirs = [d for d in sys.path if d.endswith("site-packages") and Path(d).is_dir()]
+        (site_packages / "running_environment.pth").write_text(
+            "".join(f"import site; site.addsitedir({d!r})\n" for d in dirs))
+    return path
+
+
+def _stamped_setup(venv: Path) -> subprocess.CompletedProcess:
     script = ROOT / "scripts" / "setup.sh"
     digest = subprocess.run("cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16", shell=True, cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout.strip()
     (venv / ".lightning_ft-setup").write_text(f"{digest} {ROOT}\n")
     environment = {**os.environ, "VENV": str(venv), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120, env=environment)
+    for name in ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONHOME"):
+        environment.pop(name, None)
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60, env=environment)
+
+
+def test_setup_is_fast_and_quiet_once_done(tmp_path):
+    """The stamp of an environment set up for this pyproject.toml skips every install."""
+    venv = _throwaway_venv(tmp_path / "env", see_this_environment=True)
+    result = _stamped_setup(venv)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{venv}/bin/python" and result.stderr == ""
+
+
+def test_setup_with_a_stale_stamp_and_no_pip_says_so_in_one_line_each(tmp_path):
+    """A current stamp over an environment without torch installs again, and a venv without pip is an error
+    naming the command that fixes it, at once rather than after minutes of downloading."""
+    venv = _throwaway_venv(tmp_path / "env", see_this_environment=False)
+    result = _stamped_setup(venv)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"The set-up stamp of {venv} is current but {venv}/bin/python cannot find torch or lightning_ft: "
+        "installing again",
+        f"error: {venv} has no pip of its own: run '{venv}/bin/python -m ensurepip --upgrade' "
+        f"(or remove {venv} to recreate it)"]
