@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import warnings
@@ -125,9 +126,10 @@ def label_findings(kept: list[tuple[Conversation, dict]], tokenizer: Any, chat_t
             warnings.simplefilter("ignore")
             rendered = render_conversation(first.messages, tokenizer, chat_template, labelling["stop_tokens"],
                                            labelling["train_reasoning"])
-        if rendered.eos_id is not None:
+        if rendered.appended:
             findings.append(Finding("warning", "no-stop-marker", first.source, "the chat template writes no stop "
-                                    f"marker after the final reply: {tokenizer.eos_token!r} is appended and trained"))
+                                    f"marker after the final reply: {tokenizer.decode(list(rendered.appended))!r} "
+                                    "is appended and trained"))
         if any(not span.stopped for span in rendered.spans[:-1]):
             findings.append(Finding("warning", "no-stop-marker", first.source, "the chat template writes no stop token "
                                     "after replies other than the last: they train without one (set data.stop_tokens "
@@ -141,6 +143,13 @@ def label_findings(kept: list[tuple[Conversation, dict]], tokenizer: Any, chat_t
                                 "training replies end"))
     example = {"location": kept[0][0].source, "text": mark_trained(kept[0][1], tokenizer)} if kept else None
     return findings, example
+
+
+def visible_edges(marked: str) -> str:
+    """A marked example with the newlines and tabs inside each ``[[...]]`` written as ``\\n`` and ``\\t``, so the
+    whitespace a reply is trained with shows at its edges: ``[[  \\n- item\\n\\n<|im_end|>]]``."""
+    return re.sub(r"\[\[(.*?)\]\]", lambda m: "[[" + m[1].replace("\n", "\\n").replace("\t", "\\t") + "]]",
+                  marked, flags=re.S)
 
 
 def _too_deep(paths: list[str]) -> str:
@@ -222,7 +231,7 @@ def _print_report(report: dict[str, Any], show: int) -> None:
         console.print(table)
     if report["example"]:
         console.print(Rule(f"One example as trained ({report['example']['location']}): [[...]] is trained"))
-        console.print(Text(report["example"]["text"]))
+        console.print(Text(visible_edges(report["example"]["text"])))
         console.print(Rule())
     print_verdict(console, report)
 

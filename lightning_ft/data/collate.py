@@ -23,6 +23,7 @@ from lightning_ft.data.labels import (
     ReplySpan,
     TemplateRefusedError,
     TemplateTraits,
+    appended_stop,
     locate_replies,
     render_plain,
     render_text,
@@ -48,17 +49,18 @@ class Rendered:
 
     Attributes:
         text: The template's text.
-        input_ids: Its tokens, plus ``eos_id`` when appended.
+        input_ids: Its tokens, plus ``appended``.
         offsets: Character ``(start, end)`` of each token of ``text``.
         spans: The located replies (character offsets into ``text``).
-        eos_id: The eos token appended after the final reply (its template writes no stop marker), or ``None``.
+        appended: The stop token(s) appended after the final reply when its template writes no stop marker
+            (see :func:`~lightning_ft.data.labels.appended_stop`), else empty.
     """
 
     text: str
     input_ids: list[int]
     offsets: list[tuple[int, int]]
     spans: list[ReplySpan]
-    eos_id: int | None
+    appended: tuple[int, ...] = ()
 
 
 def is_trained_message(message: Mapping[str, Any]) -> bool:
@@ -78,14 +80,15 @@ def render_conversation(messages: Sequence[Mapping[str, Any]], tokenizer: Any, c
     text = render_text(tokenizer, messages, chat_template)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return _rendered(messages, text, encoded["input_ids"], encoded["offset_mapping"], tokenizer, chat_template,
-                     stop_texts(tokenizer, stop_tokens), train_reasoning)
+                     stop_texts(tokenizer, stop_tokens), train_reasoning, appended_stop(tokenizer, stop_tokens))
 
 
 def _rendered(messages: Sequence[Mapping[str, Any]], text: str, ids: Sequence[int],
               offsets: Sequence[Sequence[int]], tokenizer: Any, chat_template: str | None, stops: Sequence[str],
-              train_reasoning: bool, traits: TemplateTraits | None = None) -> Rendered:
+              train_reasoning: bool, stop_ids: Sequence[int], traits: TemplateTraits | None = None) -> Rendered:
     """A :class:`Rendered` from the template's text and its tokens (one conversation of a batch, or alone);
-    ``traits``: the template's, when the caller already learned them (once per batch, not per conversation)."""
+    ``stop_ids``: what to append when the final reply has no stop marker; ``traits``: the template's, when the
+    caller already learned them (once per batch, not per conversation)."""
     ids = list(ids)
     # A fast tokenizer's offsets are already a list of tuples: copied only when they come in another shape.
     if not isinstance(offsets, list) or (offsets and not isinstance(offsets[0], tuple)):
@@ -93,41 +96,37 @@ def _rendered(messages: Sequence[Mapping[str, Any]], text: str, ids: Sequence[in
     traits = traits if traits is not None else template_traits(tokenizer, chat_template)
     spans = locate_replies(text, messages, traits, stops, train_reasoning)
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-    eos_id = None
+    appended: tuple[int, ...] = ()
     if spans and spans[-1].message == len(messages) - 1 and not spans[-1].stopped:
-        eos_id = tokenizer.eos_token_id
-        if eos_id is None:
-            raise ValueError("the chat template writes no stop marker after the final reply and the tokenizer has "
-                             "no eos token to append: set `data.chat_template` to one that ends replies")
-        _warn_once(("eos", template), "The chat template writes no stop marker after the final reply: an eos token "
-                   f"({tokenizer.eos_token!r}) is appended to every conversation and trained, so the model learns "
-                   "to stop.")
-        ids.append(eos_id)
+        if not stop_ids:
+            raise ValueError("the chat template writes no stop marker after the final reply and there is no stop "
+                             "token to append (no eos, no `data.stop_tokens`): set `data.chat_template` to one "
+                             "that ends replies, or `data.stop_tokens`")
+        appended = tuple(stop_ids)
+        _warn_once(("eos", template), "The chat template writes no stop marker after the final reply: a stop token "
+                   f"({tokenizer.decode(list(appended))!r}) is appended to every conversation and trained, so the "
+                   "model learns to stop.")
+        ids.extend(appended)
     if any(not span.stopped for span in spans[:-1]):
         _warn_once(("mid", template), "The chat template writes no stop token (of the model's generation config "
                    "or the tokenizer's eos) after replies other than the last: those replies are trained without "
                    "a stop marker. Pass the model's stop tokens (`stop_tokens`) if it has more than one.")
-    return Rendered(text, ids, offsets, spans, eos_id)
+    return Rendered(text, ids, offsets, spans, appended)
 
 
 def _token_range(rendered: Rendered, start: int, end: int, starts: Sequence[int] | None = None,
                  ends: Sequence[int] | None = None) -> tuple[int, int]:
     """Tokens ``[first, stop)`` covering characters ``[start, end)``.
 
-    A token that straddles either edge (a BPE merge of header and reply, e.g. ``"\\n  "``, or of a plain
-    text marker and the next header, ``"|><"``) is trained only when what it adds outside the span is
-    whitespace: no header character is ever a target. ``starts``/``ends`` are the offsets' columns, when the
-    caller already split them (once per conversation rather than once per reply).
+    Every token that overlaps the span is trained, one that straddles either edge too (a BPE merge of header
+    and reply, ``"\\n  "``, or of a stop marker the tokenizer splits and the next header, ``"><"``): every
+    character of a reply and of its stop marker is a target, so the model learns to write the marker whole.
+    ``starts``/``ends`` are the offsets' columns, when the caller already split them (once per conversation
+    rather than once per reply).
     """
     starts = [s for s, _ in rendered.offsets] if starts is None else starts
     ends = [e for _, e in rendered.offsets] if ends is None else ends
-    first = bisect.bisect_right(ends, start)
-    if first < len(starts) and starts[first] < start and rendered.text[starts[first]:start].strip():
-        first += 1
-    stop = bisect.bisect_left(starts, end)
-    if stop > first and ends[stop - 1] > end and rendered.text[end:ends[stop - 1]].strip():
-        stop -= 1
-    return first, stop
+    return bisect.bisect_right(ends, start), bisect.bisect_left(starts, end)
 
 
 def count_trained(labels: Sequence[int]) -> int:
@@ -219,8 +218,8 @@ def _labelled(messages: Sequence[Mapping[str, Any]], rendered: Rendered, masking
     starts, ends = [s for s, _ in rendered.offsets], [e for _, e in rendered.offsets]
     for span in rendered.spans:
         first, stop = _token_range(rendered, span.start, span.end, starts, ends)
-        if span.message == last and rendered.eos_id is not None:
-            stop = len(ids)  # through the appended eos
+        if span.message == last and rendered.appended:
+            stop = len(ids)  # through the appended stop
         if not is_trained_message(messages[span.message]):
             labels[first:stop] = [IGNORE_INDEX] * (stop - first)
         elif masking == "assistant" or span.message == last:
@@ -257,13 +256,13 @@ def encode_conversations(conversations: Sequence[Sequence[Mapping[str, Any]]], t
             results[i] = text
     todo = [(i, text) for i, text in zip(todo, texts) if isinstance(text, str)]
     encoded = tokenizer([text for _, text in todo], add_special_tokens=False, return_offsets_mapping=True)
-    stops, traits = stop_texts(tokenizer, stop_tokens), None
+    stops, stop_ids, traits = stop_texts(tokenizer, stop_tokens), appended_stop(tokenizer, stop_tokens), None
     for (i, text), ids, offsets in zip(todo, encoded["input_ids"], encoded["offset_mapping"]):
         try:
             if traits is None:
                 traits = template_traits(tokenizer, chat_template)
             rendered = _rendered(conversations[i], text, ids, offsets, tokenizer, chat_template, stops,
-                                 train_reasoning, traits)
+                                 train_reasoning, stop_ids, traits)
             results[i] = _labelled(conversations[i], rendered, masking)
         except ValueError as error:
             results[i] = error

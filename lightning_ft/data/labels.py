@@ -48,6 +48,10 @@ class TemplateTraits:
         reply_preamble: The text between a user turn's content and the reply, the same in every turn.
         system_first: Whether a system message is rendered before the first user turn.
         special_tokens: The tokenizer's special tokens, e.g. role tags.
+        reply_preambles: The whole text between a user turn's content and the reply, for an earlier and for the
+            final turn (which may differ, e.g. an empty reasoning block), longest first: where it matches, the
+            reply's rendered text starts right after it, so whitespace at the reply's start is told apart from
+            the template's.
     """
 
     generation_prompt: str | None
@@ -56,6 +60,7 @@ class TemplateTraits:
     reply_preamble: str = ""
     system_first: bool = False
     special_tokens: tuple[str, ...] = ()
+    reply_preambles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,17 @@ def _renders_system_first(tokenizer: Any, chat_template: str | None, conversatio
     return 0 <= text.find(system) < text.find(conversation[0]["content"])
 
 
+def _balanced(text: str) -> str:
+    """The longest prefix of ``text`` that leaves no bracket open: the text two turn endings share may stop
+    inside a marker (``"<|end|>"`` and ``"<|endoftext|>"`` share ``"<|end"``), and half a marker is none."""
+    depth, cut = 0, 0
+    for index, char in enumerate(text):
+        depth += (char in "<[") - (char in ">]")
+        if depth <= 0:
+            depth, cut = 0, index + 1
+    return text[:cut]
+
+
 def _end_marker(tokenizer: Any, full: str, positions: list[int], header: str | None) -> tuple[str, str]:
     """The end-of-turn text after a reply and the user header after it, from the sentinel render."""
     after_mid = full[positions[1] + len(_SENTINELS[1]): positions[2]]
@@ -176,7 +192,10 @@ def _end_marker(tokenizer: Any, full: str, positions: list[int], header: str | N
         marker = after_mid[: found + len(user_end)].strip()
     else:  # what follows every reply, the final one too, short of the next user turn's header
         ending = after_mid[: len(after_mid) - len(user_header)]
-        marker = _common_token_prefix(tokenizer, ending, after_final).strip()
+        # Where nothing but the next user header follows a reply and the template writes it after the final
+        # reply too (a GLM-style role tag), that header is how a reply ends.
+        marker = (_balanced(os.path.commonprefix([ending, after_final])).strip()
+                  or _balanced(os.path.commonprefix([after_mid, after_final])).strip())
     # The header proper starts after the previous turn's end marker (the suffix above may hold both).
     for end in (marker, tokenizer.eos_token):
         if end and end.strip() and end in after_mid:
@@ -199,10 +218,10 @@ def _learn_traits(tokenizer: Any, chat_template: str | None) -> TemplateTraits:
         return TemplateTraits(None, "")
     header = prompt[len(bare):] if prompt.startswith(bare) and len(prompt) > len(bare) else None
     marker, user_header = _end_marker(tokenizer, full, positions, header)
-    preamble = os.path.commonprefix([full[positions[0] + len(user1): positions[1]],
-                                     full[positions[2] + len(user2): positions[3]]])
-    return TemplateTraits(header, marker, user_header, preamble,
-                          _renders_system_first(tokenizer, chat_template, conversation))
+    betweens = (full[positions[0] + len(user1): positions[1]], full[positions[2] + len(user2): positions[3]])
+    return TemplateTraits(header, marker, user_header, os.path.commonprefix(list(betweens)),
+                          _renders_system_first(tokenizer, chat_template, conversation),
+                          reply_preambles=tuple(sorted(set(betweens), key=len, reverse=True)))
 
 
 def template_traits(tokenizer: Any, chat_template: str | None) -> TemplateTraits:
@@ -226,6 +245,40 @@ def stop_texts(tokenizer: Any, stop_tokens: Sequence[int | str] | None) -> tuple
         elif 0 <= token < len(tokenizer):  # a generation config may name ids of another vocabulary
             texts.append(tokenizer.decode([token]))
     return tuple(dict.fromkeys(text for text in texts if text and text.strip()))
+
+
+def appended_stop(tokenizer: Any, stop_tokens: Sequence[int | str] | None) -> list[int]:
+    """The tokens appended after a final reply the template ends with no stop marker: the first of the given
+    ``stop_tokens`` (the model's generation config, or ``data.stop_tokens``) the tokenizer knows, else its eos.
+    A stop given as text that is no single token of this tokenizer is appended as its tokens."""
+    for token in stop_tokens or ():
+        if isinstance(token, str) and token.strip():
+            ids = list(tokenizer(token, add_special_tokens=False)["input_ids"])
+            if ids and tokenizer.decode(ids) == token:
+                return ids
+        if isinstance(token, int) and 0 <= token < len(tokenizer):
+            return [token]
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+
+def _with_edges(text: str, content: str, start: int, end: int, floors: Sequence[int]) -> tuple[int, int]:
+    """``(start, end)`` widened over the whitespace at the content's edges that the template renders.
+
+    A template that writes the content as it is keeps its leading spaces and newlines: they sit between the
+    end of the reply's preamble (``floors``: where the template's own text before the reply may end) and the
+    first non-space character. The first floor from which everything up to ``start`` is the content's leading
+    whitespace is the reply's start; a template that trims leaves nothing there. Trailing whitespace is taken
+    where the render continues with exactly the content's.
+    """
+    lead = content[: len(content) - len(content.lstrip())]
+    for floor in floors:
+        if floor <= start and lead.endswith(text[floor:start]):
+            start = floor
+            break
+    trail = content[len(content.rstrip()):]
+    if trail and text.startswith(trail, end):
+        end += len(trail)
+    return start, end
 
 
 def _locate_reply(text: str, content: str, cursor: int, train_reasoning: bool, reasoning_opener: bool,
@@ -269,13 +322,19 @@ def _stop_end(text: str, end: int, limit: int, stops: Sequence[str], traits: Tem
     ``<|user|>``) is the signal the model stops with: the template writes nothing else between turns.
     """
     region = text[end:limit]
-    candidates = [found + len(stop) for stop in stops if (found := region.find(stop)) >= 0]
+    found = [(at, at + len(stop)) for stop in stops if (at := region.find(stop)) >= 0]
+    candidates = [stop_end for _, stop_end in found]
     lead = len(region) - len(region.lstrip())
     if traits.end_marker and region[lead:].startswith(traits.end_marker):
         candidates.append(lead + len(traits.end_marker))
     if not candidates and between_turns:
         candidates = [lead + len(tag) for tag in traits.special_tokens if region[lead:].startswith(tag)][:1]
-    return end + min(candidates) if candidates else None
+    if not candidates:
+        return None
+    first = min(candidates)
+    # A stop token that the end-of-turn text runs into is trained whole (Command-R's <|END_RESPONSE|> before
+    # its stop <|END_OF_TURN_TOKEN|>, the end-of-turn text of a tokenizer that writes the stop as plain text).
+    return end + max([first, *(stop_end for at, stop_end in found if at < first)])
 
 
 def locate_replies(text: str, messages: Sequence[Mapping[str, Any]], traits: TemplateTraits,
@@ -298,19 +357,24 @@ def locate_replies(text: str, messages: Sequence[Mapping[str, Any]], traits: Tem
     if messages and messages[0]["role"] == "system" and traits.system_first:
         found = text.find(messages[0]["content"].strip())
         cursor = found + len(messages[0]["content"].strip()) if found >= 0 else 0
+    user_end: list[int] = []
     for index, message in enumerate(messages):
         if message["role"] == "user":
-            found = _find_user(text, message["content"].strip(), cursor, traits)
-            cursor = cursor if found < 0 else found + len(message["content"].strip())
+            content = message["content"]
+            found = _find_user(text, content.strip(), cursor, traits)
+            cursor = cursor if found < 0 else found + len(content.strip())
+            trail = content[len(content.rstrip()):]
+            user_end = [cursor] if found < 0 or not text.startswith(trail, cursor) else [cursor + len(trail), cursor]
             continue
         if message["role"] != "assistant":
             continue  # a system prompt may be rendered anywhere (some templates fold it into the last user turn)
+        floors = [at + len(pre) for pre in traits.reply_preambles for at in user_end if text.startswith(pre, at)]
         if traits.reply_preamble and text.startswith(traits.reply_preamble, cursor):
             cursor += len(traits.reply_preamble)
         located = _locate_reply(text, message["content"], cursor, train_reasoning, opener)
         if located is None:
             continue
-        start, end = located
+        start, end = _with_edges(text, message["content"], *located, [*floors, cursor])
         following = messages[index + 1]["content"].strip() if index + 1 < len(messages) else None
         limit = _find_user(text, following, end, traits) if following else -1
         limit = len(text) if limit < 0 else limit

@@ -221,7 +221,15 @@ def test_template_without_stop_markers_and_untrained_stop_tokens_warn(capsys, ti
                                "--data.stop_tokens", "[0]")
     found = {(f["code"], f["message"].split(":")[0]) for f in report["findings"]}
     assert found == {("no-stop-marker", "the chat template writes no stop marker after the final reply"),
-                     ("no-stop-marker", "the chat template writes no stop token after replies other than the last"),
-                     ("stop-token-untrained", "none of the model's stop tokens ('<|endoftext|>', from its generation "
-                                              "config) is ever trained")}
-    assert report["example"]["text"] == "user: Hi\nassistant: [[Yo]]\nuser: Hi?\nassistant:[[ Hello.\n<|im_end|>]]"
+                     ("no-stop-marker", "the chat template writes no stop token after replies other than the last")}
+    # The given stop token is appended after the final reply, not the tokenizer's eos.
+    assert report["example"]["text"] == "user: Hi\nassistant: [[Yo]]\nuser: Hi?\nassistant:[[ Hello.\n<|endoftext|>]]"
+    code, out, _ = check_data(capsys, tiny_model_dir, train, None, "--surprise_top", "0", "--model.chat_template",
+                              plain, "--data.stop_tokens", "[0]")
+    assert "assistant:[[ Hello.\\n<|endoftext|>]]" in out  # the trained newline shows
+    # A marker the template writes that is none of the model's stop tokens: generation would not stop.
+    chatml_reply = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    code, report = json_report(capsys, tiny_model_dir, train, None, "--model.chat_template", chatml_reply,
+                               "--data.stop_tokens", "[0]")
+    assert ("stop-token-untrained", "none of the model's stop tokens ('<|endoftext|>', from its generation config) "
+            "is ever trained") in {(f["code"], f["message"].split(":")[0]) for f in report["findings"]}

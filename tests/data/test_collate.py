@@ -87,15 +87,14 @@ def test_chat_template_argument_overrides_tokenizer(tiny_tokenizer, llama3_token
     assert trained_spans(llama3_tokenizer, example) == ["It is 4.<|im_end|>"]
 
 
-def test_bpe_merge_across_boundary_leaves_straddling_token_untrained(tiny_tokenizer):
+def test_bpe_merge_across_boundary_trains_the_straddling_token(tiny_tokenizer):
     # The tiny vocab merges "\n" + two spaces into one token, so content starting with three spaces fuses
-    # with the header's newline. That token is not trained: no header byte is ever a target. The reply's
-    # own leading whitespace is outside the located (stripped) reply, but the token "Ġindented" that carries
-    # one space of it is what the model generates, so it is trained.
+    # with the header's newline. That token carries two of the reply's spaces, which the model must write:
+    # it is trained, header newline and all (every character of a reply is a target).
     messages = [{"role": "user", "content": "Code?"}, {"role": "assistant", "content": "   indented"}]
     example = encode_conversation(messages, tiny_tokenizer)
     assert "ĊĠĠ" in tiny_tokenizer.convert_ids_to_tokens(example["input_ids"])
-    assert trained_spans(tiny_tokenizer, example) == [" indented<|im_end|>"]
+    assert trained_spans(tiny_tokenizer, example) == ["\n   indented<|im_end|>"]
 
 
 def test_template_that_is_not_prefix_stable_is_masked_from_its_full_render(tiny_tokenizer):

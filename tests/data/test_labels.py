@@ -122,9 +122,10 @@ def make_tokenizer(tiny_tokenizer, template: str, specials: list[str], eos: str 
 
 
 
-def check(tokenizer, messages, expected, appended_eos=False, **kwargs):
+def check(tokenizer, messages, expected, appended_eos=False, appended=None, **kwargs):
     example = encode_conversation(messages, tokenizer, **kwargs)
-    reference = chat_template_ids(tokenizer, messages) + ([tokenizer.eos_token_id] if appended_eos else [])
+    appended = [tokenizer.convert_tokens_to_ids(appended)] if appended else [tokenizer.eos_token_id] * appended_eos
+    reference = chat_template_ids(tokenizer, messages) + appended
     assert example["input_ids"] == reference
     assert trained_spans(tokenizer, example) == expected
     # The batched encoder (one render call, one tokenisation of the batch) gives each conversation the same.
@@ -143,11 +144,35 @@ def test_llama3_like_with_strftime_and_trim(tiny_tokenizer):
     check(tokenizer, messages, ["It is 4.<|eot_id|>", "Six, of course!<|eot_id|>"])
 
 
-def test_marker_only_between_turns_trains_it_and_appends_eos_at_the_end(tiny_tokenizer):
+def test_marker_only_between_turns_trains_it_and_appends_the_given_stop_at_the_end(tiny_tokenizer):
     tokenizer = make_tokenizer(tiny_tokenizer, BETWEEN_TURNS, ["<|sep|>", "<|user|>", "<|assistant|>"])
-    with pytest.warns(UserWarning, match="writes no stop marker after the final reply: an eos token"):
-        check(tokenizer, CONVERSATION, ["It is 4.<|sep|>", "Six, of course!<|im_end|>"], appended_eos=True,
+    with pytest.warns(UserWarning, match=r"writes no stop marker after the final reply: a stop token \('<\|sep\|>'\)"):
+        check(tokenizer, CONVERSATION, ["It is 4.<|sep|>", "Six, of course!<|sep|>"], appended="<|sep|>",
               stop_tokens=["<|sep|>"])
+
+
+def test_without_a_given_stop_the_tokenizers_eos_is_appended(tiny_tokenizer):
+    tokenizer = make_tokenizer(tiny_tokenizer, BETWEEN_TURNS, ["<|sep|>", "<|user|>", "<|assistant|>"])
+    with pytest.warns(UserWarning, match=r"a stop token \('<\|im_end\|>'\) is appended"):
+        check(tokenizer, CONVERSATION, ["It is 4.<|sep|>", "Six, of course!<|im_end|>"], appended_eos=True)
+
+
+def test_the_familys_stop_is_appended_not_the_tokenizers_eos(tiny_tokenizer):
+    """Apertus-style: the template writes nothing after the final reply; the family stops on its own token."""
+    template = ("{% for m in messages %}<|{{ m.role }}_start|>{{ m.content }}"
+                "{% if m.role != 'assistant' %}<|{{ m.role }}_end|>{% elif not loop.last %}<|assistant_end|>{% endif %}"
+                "{% endfor %}")
+    specials = ["<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"]
+    tokenizer = make_tokenizer(tiny_tokenizer, template, specials, eos="<|endoftext|>")
+    stop = tokenizer.convert_tokens_to_ids("<|assistant_end|>")
+    for stop_tokens in ([stop], ["<|assistant_end|>"]):
+        check(tokenizer, CONVERSATION, ["It is 4.<|assistant_end|>", "Six, of course!<|assistant_end|>"],
+              appended="<|assistant_end|>", stop_tokens=stop_tokens)
+    # A stop given as text this tokenizer splits is appended as its tokens.
+    plain = make_tokenizer(tiny_tokenizer, template, [], eos="<|endoftext|>")
+    example = encode_conversation(CONVERSATION, plain, stop_tokens=["<|assistant_end|>"])
+    assert plain.decode(example["input_ids"][len(chat_template_ids(plain, CONVERSATION)):]) == "<|assistant_end|>"
+    assert trained_spans(plain, example)[-1] == "Six, of course!<|assistant_end|>"
 
 
 def test_without_the_models_stop_tokens_the_special_token_opening_the_next_turn_is_the_stop(tiny_tokenizer):
@@ -168,9 +193,9 @@ def test_next_role_tag_is_the_stop_when_the_model_declares_it(tiny_tokenizer):
     tokenizer = make_tokenizer(tiny_tokenizer, ROLE_TAG_STOP, ["[gMASK]", "<|user|>", "<|assistant|>", "<|system|>"],
                                eos="<|endoftext|>")
     user_tag = tokenizer.convert_tokens_to_ids("<|user|>")
-    with pytest.warns(UserWarning, match=r"an eos token \('<\|endoftext\|>'\) is appended"):
+    with pytest.warns(UserWarning, match=r"a stop token \('<\|endoftext\|>'\) is appended"):
         check(tokenizer, WITH_SYSTEM, ["It is 4.<|user|>", "Six, of course!<|endoftext|>"], appended_eos=True,
-              stop_tokens=[user_tag, tokenizer.eos_token_id])
+              stop_tokens=[tokenizer.eos_token_id, user_tag])
 
 
 def test_header_written_after_the_last_reply_is_not_trained(tiny_tokenizer):
