@@ -13,6 +13,7 @@ and a bad command line exits with 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -254,14 +255,17 @@ def run(argv: list[str], preference: bool | None = None) -> int:
 
     if preference is None:
         preference = pairs.is_preference_config(rest)
-    try:
-        cli = main(rest, run=False, **(pairs.classes() if preference else {}))
-    except SystemExit as error:  # the config parser already printed what is wrong
-        return 2 if error.code else 0
-    try:
-        report = (pairs.build_pair_report if preference else build_report)(cli, options)
-    except (ValueError, OSError) as error:  # no data configured, a bad split, a model that cannot load
-        return _fail(str(error).splitlines()[0])
+    # With --json the report is the only thing on stdout: progress lines (converting the default model on a
+    # first run, the checks' progress) go to stderr, so a script can parse what it reads.
+    with contextlib.redirect_stdout(sys.stderr) if options.json else contextlib.nullcontext():
+        try:
+            cli = main(rest, run=False, **(pairs.classes() if preference else {}))
+        except SystemExit as error:  # the config parser already printed what is wrong
+            return 2 if error.code else 0
+        try:
+            report = (pairs.build_pair_report if preference else build_report)(cli, options)
+        except (ValueError, OSError) as error:  # no data configured, a bad split, a model that cannot load
+            return _fail(str(error).splitlines()[0])
     if isinstance(report, str):
         return _fail(report)
     if options.json:

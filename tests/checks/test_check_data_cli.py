@@ -233,3 +233,20 @@ def test_template_without_stop_markers_and_untrained_stop_tokens_warn(capsys, ti
                                "--data.stop_tokens", "[0]")
     assert ("stop-token-untrained", "none of the model's stop tokens ('<|endoftext|>', from its generation config) "
             "is ever trained") in {(f["code"], f["message"].split(":")[0]) for f in report["findings"]}
+
+
+def test_json_report_is_alone_on_stdout_while_progress_goes_to_stderr(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """A first run converts the default model and says so: with --json that line must not corrupt the report."""
+    import lightning_ft.commands.check_data as command
+    from lightning_ft.progress import say
+
+    build = command.build_report
+
+    def converting_first(cli, options):
+        say("Converting SmolLM2-135M-Instruct.Q4_1.gguf to a Hugging Face model in the cache (once) ...")
+        return build(cli, options)
+
+    monkeypatch.setattr(command, "build_report", converting_first)
+    code, out, err = check_data(capsys, tiny_model_dir, write_chat_file(tmp_path / "train.jsonl", 4), None, "--json",
+                                "--surprise_top", "0")
+    assert code == 0 and json.loads(out)["ok"] and "Converting SmolLM2" in err
