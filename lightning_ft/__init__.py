@@ -20,6 +20,7 @@ _EXPORTS = {
     "QLoRA": "lightning_ft.adapters",
     "RunReport": "lightning_ft.callbacks.run_report",
     "SaveHFModel": "lightning_ft.callbacks.export",
+    "SaveOnPreemption": "lightning_ft.callbacks.preemption",
     "Source": "lightning_ft.data.sources",
     "TaskEval": "lightning_ft.callbacks.task_eval",
     "TensorBoardDashboard": "lightning_ft.callbacks.dashboard",
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from lightning_ft.adapters import FullFineTune, LoRA, QLoRA
     from lightning_ft.callbacks import ForgettingCheck, SaveHFModel, TaskEval
     from lightning_ft.callbacks.dashboard import TensorBoardDashboard
+    from lightning_ft.callbacks.preemption import SaveOnPreemption
     from lightning_ft.callbacks.run_report import RunReport
     from lightning_ft.callbacks.validate_at_start import ValidateAtStart
     from lightning_ft.data.collate import encode_conversation

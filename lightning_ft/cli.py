@@ -18,11 +18,12 @@ from pytorch_lightning.utilities import rank_zero_info
 from lightning_ft.callbacks.dashboard import TensorBoardDashboard, tensorboard_logger
 from lightning_ft.callbacks.export import SaveHFModel
 from lightning_ft.callbacks.nonfinite import NonFiniteGuard
+from lightning_ft.callbacks.preemption import SaveOnPreemption
 from lightning_ft.callbacks.run_report import RunReport
 from lightning_ft.data.datamodule import ChatDataModule
 from lightning_ft.front_door import quiet_third_party, run_guarded
 from lightning_ft.module import FineTuneModule
-from lightning_ft.run_dir import claim_run_directories
+from lightning_ft.run_dir import claim_run_directories, continue_last_run
 from lightning_ft.precision import resolve_precision
 from lightning_ft.progress import choose_progress_bar, stdout_is_terminal
 
@@ -64,7 +65,11 @@ class FineTuneCLI(LightningCLI):
             super().parse_arguments(parser, args)
 
     def before_fit(self) -> None:
-        claim_run_directories(self.trainer)  # two fits started together must not share a version_N
+        config = self.config_init[self.subcommand]
+        continuing = config.get("ckpt_path") == "last"
+        if continuing:  # the newest unfinished run under default_root_dir, continued in its own version_N
+            config["ckpt_path"] = continue_last_run(self.trainer)
+        claim_run_directories(self.trainer, continuing)  # two fits started together must not share a version_N
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -75,7 +80,7 @@ class FineTuneCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         callbacks = choose_progress_bar(callbacks, config.get("enable_progress_bar") is not False, stdout_is_terminal())
-        callbacks += [RunReport(), TensorBoardDashboard()]
+        callbacks += [RunReport(), TensorBoardDashboard(), SaveOnPreemption()]
         if config.get("logger") in (None, True):
             config = {**config, "logger": tensorboard_logger(config.get("default_root_dir") or os.getcwd())}
         return super()._instantiate_trainer(config, callbacks)

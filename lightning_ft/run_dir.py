@@ -17,8 +17,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
+from lightning_ft.atomic import write_text_atomic
+from lightning_ft.progress import say
+
 #: Marker a run leaves in the directory it claimed: the process id and command line that own it.
 CLAIM_FILE = ".lightning_ft_run"
+#: Marker of a fit that ended (its steps done, or stopped by a callback): never continued by ``--ckpt_path last``.
+FINISHED_FILE = ".lightning_ft_finished"
 
 
 class RunDirectoryTaken(FileExistsError):
@@ -77,19 +82,89 @@ def _claim_fixed(logger: pl.loggers.Logger, version: int | str) -> int | str:
     return version
 
 
+def _claim_continued(logger: pl.loggers.Logger, version: int | str) -> int | str:
+    """Take over the directory of an unfinished run to continue it, unless its process is still alive."""
+    directory = _directory(logger, version)
+    claim = directory / CLAIM_FILE
+    owner = claim.read_text().strip() if claim.exists() else ""
+    pid = int(owner.split()[1].rstrip(":")) if owner.startswith("pid ") else None
+    if pid is not None and pid != os.getpid() and _alive(pid):
+        raise RunDirectoryTaken(f"Run {directory} is still running ({owner}): stop it before continuing it.")
+    write_text_atomic(claim, f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
+    return version
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process holds that number
+        return True
+    return True
+
+
+def unfinished_runs(root: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """``(run directory, its newest checkpoint)`` of every ``version_*`` run under ``root`` that holds a checkpoint
+    and did not finish, the run with the newest checkpoint first."""
+    runs = []
+    for directory in Path(root).glob("version_*"):
+        if not directory.is_dir() or (directory / FINISHED_FILE).exists():
+            continue
+        checkpoints = [p for p in directory.rglob("*.ckpt") if p.is_file()]
+        if checkpoints:  # the newest, and last.ckpt among equally new ones
+            runs.append((directory, max(checkpoints, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"))))
+    return sorted(runs, key=lambda run: run[1].stat().st_mtime_ns, reverse=True)
+
+
+def versioned_loggers(trainer: pl.Trainer) -> list[pl.loggers.Logger]:
+    """The trainer's loggers that number their runs ``version_N`` (TensorBoard, CSV)."""
+    return [logger for logger in trainer.loggers
+            if all(hasattr(logger, name) for name in ("_get_next_version", "_version", "root_dir"))]
+
+
+def continue_last_run(trainer: pl.Trainer) -> str | None:
+    """``--ckpt_path last``: the newest checkpoint of the newest unfinished run under the first versioned logger's
+    root, whose ``version_N`` this run then continues (same TensorBoard run, same outputs); ``None`` when there
+    is none to continue. Says which, in one line."""
+    loggers = versioned_loggers(trainer)
+    if not loggers:
+        return "last"  # no numbered runs to choose from: Lightning's own meaning (the ModelCheckpoint's last.ckpt)
+    runs = unfinished_runs(loggers[0].root_dir)
+    if not runs:
+        say(f"No unfinished run under {loggers[0].root_dir} to continue (--ckpt_path last): starting a fresh run")
+        return None
+    directory, checkpoint = runs[0]
+    version = int(directory.name.split("_", 1)[1]) if directory.name.split("_", 1)[1].isdigit() else directory.name
+    for logger in loggers:
+        logger._version = version
+    say(f"Continuing the unfinished run {directory} from {checkpoint.name}")
+    return str(checkpoint)
+
+
 class RunDirectoryClaim(pl.Callback):
     """Claims each versioned logger's directory when Lightning first asks for its version, and gives it back
-    if the run fails before writing anything into it (bad data stops a run with nothing left behind)."""
+    if the run fails before writing anything into it (bad data stops a run with nothing left behind). A fit
+    that ends marks its directories finished, so ``--ckpt_path last`` never continues it."""
 
-    def __init__(self) -> None:
+    def __init__(self, continuing: bool = False) -> None:
         self.claimed: list[tuple[Path, Path]] = []  # (run directory, highest directory created for it)
+        self.continuing = continuing
 
     def claim(self, logger: pl.loggers.Logger, fixed: int | str | None, next_version: Callable[[], int]) -> int | str:
+        if self.continuing and fixed is not None:
+            version = _claim_continued(logger, fixed)
+            self.claimed.append((_directory(logger, version), _directory(logger, version)))
+            return version
         top = _first_missing(_directory(logger, fixed if fixed is not None else next_version()))
         version = _claim_next(logger, next_version) if fixed is None else _claim_fixed(logger, fixed)
         directory = _directory(logger, version)
         self.claimed.append((directory, top if top is not None and directory.is_relative_to(top) else directory))
         return version
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for directory, _ in self.claimed:
+            write_text_atomic(directory / FINISHED_FILE, f"step {trainer.global_step}\n")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         for directory, top in self.claimed:
@@ -106,18 +181,17 @@ class RunDirectoryClaim(pl.Callback):
         self.claimed.clear()
 
 
-def claim_run_directories(trainer: pl.Trainer) -> None:
-    """Make each versioned logger (TensorBoard, CSV) claim its directory exclusively when it first needs it.
+def claim_run_directories(trainer: pl.Trainer, continuing: bool = False) -> None:
+    """Make each versioned logger (TensorBoard, CSV) claim its directory exclusively when it first needs it;
+    ``continuing``: the version set by :func:`continue_last_run` is taken over rather than refused.
 
     Global rank zero only: the other processes get their directories from rank zero. Loggers without
     numbered versions are left alone.
     """
     if rank_zero_only.rank != 0:
         return
-    claim = RunDirectoryClaim()
-    for logger in trainer.loggers:
-        if not all(hasattr(logger, name) for name in ("_get_next_version", "_version", "root_dir")):
-            continue
+    claim = RunDirectoryClaim(continuing)
+    for logger in versioned_loggers(trainer):
         fixed, logger._version = logger._version, None
         # The logger resolves an unset version through _get_next_version: that call now claims it.
         logger._get_next_version = partial(claim.claim, logger, fixed, logger._get_next_version)

@@ -3,6 +3,7 @@ waits for that line instead of polling the file system with sleeps."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytorch_lightning as pl
@@ -25,3 +26,24 @@ class AnnounceCheckpoint(pl.Callback):
         if self.saved_step is not None:
             print(f"{CHECKPOINTED} {self.saved_step}", flush=True)
             self.saved_step = None
+
+
+#: Printed by :class:`PauseAtStep` when the run waits for its signal.
+PAUSED = "PAUSED"
+
+
+class PauseAtStep(pl.Callback):
+    """Print ``PAUSED <step>`` after optimizer step ``step`` and wait (60 s at most) for a stopping signal, so a
+    test's SIGTERM lands exactly after that step, however fast or slow the machine."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step != self.step:
+            return
+        print(f"{PAUSED} {self.step}", flush=True)
+        deadline = time.monotonic() + 60
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.02)

@@ -98,11 +98,14 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path
 
     step = torch.load(last, weights_only=True)["global_step"]
     assert int(announced.split()[1]) <= step < 400  # (a later checkpoint may land before the kill)
-    resume = [a if a != "400" else str(step + 3) for a in args] + ["--ckpt_path", str(last)]
+    # kill -9 leaves no time to save: `--ckpt_path last` continues from the newest periodic checkpoint, in
+    # the same run directory.
+    resume = [a if a != "400" else str(step + 3) for a in args] + ["--ckpt_path", "last"]
     result = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    final = root / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
-    assert torch.load(final, weights_only=True)["global_step"] == step + 3
+    assert "Continuing the unfinished run" in result.stdout
+    assert torch.load(last, weights_only=True)["global_step"] == step + 3
+    assert not (root / "lightning_logs" / "version_1").exists()
 
 
 def _logged_losses(run_dir: Path) -> dict[int, float]:
