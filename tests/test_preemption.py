@@ -50,12 +50,16 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return {event.step: event.value for event in events.Scalars("train/loss")}
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return scalars(run_dir, "train/loss")
 
 
 def adapter(root: Path) -> dict[str, torch.Tensor]:
@@ -70,8 +74,12 @@ def event_dirs(root: Path) -> list[str]:
 def test_sigterm_saves_the_step_and_ckpt_path_last_continues_it_exactly(tiny_model_dir, tmp_path):
     train = write_varied_chat_file(tmp_path / "train.jsonl", 24)  # 12 batches: steps train different lengths
     straight_root, root = tmp_path / "straight", tmp_path / "runs"
-    run(fit_args(tiny_model_dir, train, straight_root))
-    code, printed = stopped_after(fit_args(tiny_model_dir, train, root), step=4)
+    forgetting = tmp_path / "forgetting.yaml"  # a check every 3 steps: its baseline and history must come back
+    forgetting.write_text("trainer:\n  callbacks:\n    - class_path: lightning_ft.ForgettingCheck\n"
+                          "      init_args: {max_items: 8, max_prompts: 2, every_n_steps: 3}\n")
+    checks = ["--config", str(forgetting)]
+    run(fit_args(tiny_model_dir, train, straight_root) + checks)
+    code, printed = stopped_after(fit_args(tiny_model_dir, train, root) + checks, step=4)
     assert code == 143  # 128 + SIGTERM, as shells report it: no scheduler takes it for finished
     run_dir = root / "lightning_logs" / "version_0"
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -80,11 +88,17 @@ def test_sigterm_saves_the_step_and_ckpt_path_last_continues_it_exactly(tiny_mod
     assert "--ckpt_path last" in printed.split("Continue with:")[1] and not (run_dir / FINISHED_FILE).exists()
     assert not list(root.rglob("adapter_model.safetensors"))  # no export of an unfinished run
 
-    resumed = run(fit_args(tiny_model_dir, train, root) + ["--ckpt_path", "last"])
+    assert "Measuring the base model" in printed
+    resumed = run(fit_args(tiny_model_dir, train, root) + checks + ["--ckpt_path", "last"])
     assert f"Continuing the unfinished run {run_dir} from last.ckpt" in resumed.stdout
+    assert "Measuring the base model" not in resumed.stdout  # the baseline came back from the checkpoint
     assert event_dirs(root) == ["lightning_logs/version_0"]  # one TensorBoard run, continued
     straight, continued = losses(straight_root / "lightning_logs" / "version_0"), losses(run_dir)
     assert sorted(continued) == list(range(10)) and len({round(v, 4) for v in straight.values()}) > 5
+    checked, straight_checks = scalars(run_dir, "forgetting/acc"), scalars(straight_root / "lightning_logs" /
+                                                                        "version_0", "forgetting/acc")
+    assert sorted(checked) == sorted(straight_checks) and 0 in checked and 6 in checked  # before and after
+    assert checked == pytest.approx(straight_checks, abs=1e-6)
     for step in range(4, 10):  # the steps after the restart (logged at global steps 4..9)
         assert continued[step] == pytest.approx(straight[step], abs=1e-3), step
     expected, got = adapter(straight_root), adapter(root)
