@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from checkpoint_signal import PAUSED
 from helpers import write_varied_chat_file
@@ -138,3 +139,33 @@ def test_the_newest_unfinished_run_is_the_one_continued(tmp_path):
     step.write_bytes(b"x")
     os.utime(step, (2_500, 2_500))
     assert unfinished_runs(tmp_path)[0] == (newer.parents[1], step)  # its newest checkpoint
+
+
+class SignalAt(pl.Callback):
+    """Send this process ``signum`` during optimizer step ``step`` (as SLURM or a scheduler would)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_the_requeue_signal_saves_the_step_in_a_plain_trainer(tiny_model_dir, tmp_path):
+    """SLURM's requeue signal (SIGUSR1 unless the SLURM environment names another) stops after the step in
+    flight and saves it, from a user's own Trainer too; the exit status says which signal."""
+    from lightning_ft import ChatDataModule, FineTuneModule, LoRA, SaveOnPreemption
+
+    module = FineTuneModule(tiny_model_dir, adapter=LoRA(r=4), learning_rate=1e-3)
+    data = ChatDataModule(write_varied_chat_file(tmp_path / "train.jsonl", 12), tokenizer=tiny_model_dir,
+                          batch_size=2, packs_natively=module.packs_natively())
+    saving = SaveOnPreemption()
+    trainer = pl.Trainer(max_steps=6, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[saving, SignalAt(2, signal.SIGUSR1)])
+    before = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(SystemExit) as stopped:
+        trainer.fit(module, data)
+    assert stopped.value.code == 128 + signal.SIGUSR1 and trainer.global_step == 2
+    assert torch.load(saving.saved, weights_only=True)["global_step"] == 2
+    assert Path(saving.saved).name == "last.ckpt" and signal.getsignal(signal.SIGUSR1) == before
