@@ -66,9 +66,10 @@ class FineTuneCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
-        continuing = config.get("ckpt_path") == "last"
-        if continuing:  # the newest unfinished run under default_root_dir, continued in its own version_N
+        continuing = False
+        if config.get("ckpt_path") == "last":  # the newest unfinished run under default_root_dir, in its version_N
             config["ckpt_path"] = continue_last_run(self.trainer)
+            continuing = config["ckpt_path"] not in (None, "last")
         claim_run_directories(self.trainer, continuing)  # two fits started together must not share a version_N
 
     def before_instantiate_classes(self) -> None:
