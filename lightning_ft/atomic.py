@@ -41,17 +41,42 @@ def _fsync(path: Path) -> None:
         os.close(handle)
 
 
-def _writer_alive(name: str) -> bool:
-    pid = name[len(STAGING_PREFIX):].split("-", 1)[0]
-    if not pid.isdigit():
-        return False
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one owned by another user counts)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
         return True  # exists, owned by someone else
     return True
+
+
+def _writer_alive(name: str) -> bool:
+    pid = name[len(STAGING_PREFIX):].split("-", 1)[0]
+    return pid.isdigit() and process_alive(int(pid))
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the block: another process asking for the same
+    lock waits until it is released, also when the holder dies (the system drops a dead process's locks).
+
+    Advisory, with ``fcntl.flock`` where the platform has it; elsewhere the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def clean_stale_staging(directory: str | os.PathLike) -> list[Path]:

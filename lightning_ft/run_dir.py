@@ -17,7 +17,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 
-from lightning_ft.atomic import write_text_atomic
+from lightning_ft.atomic import process_alive, write_text_atomic
 from lightning_ft.progress import say
 
 #: Marker a run leaves in the directory it claimed: the process id and command line that own it.
@@ -88,20 +88,10 @@ def _claim_continued(logger: pl.loggers.Logger, version: int | str) -> int | str
     claim = directory / CLAIM_FILE
     owner = claim.read_text().strip() if claim.exists() else ""
     pid = int(owner.split()[1].rstrip(":")) if owner.startswith("pid ") else None
-    if pid is not None and pid != os.getpid() and _alive(pid):
+    if pid is not None and pid != os.getpid() and process_alive(pid):
         raise RunDirectoryTaken(f"Run {directory} is still running ({owner}): stop it before continuing it.")
     write_text_atomic(claim, f"pid {os.getpid()}: {' '.join(sys.argv)}\n")
     return version
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process holds that number
-        return True
-    return True
 
 
 def unfinished_runs(root: str | os.PathLike) -> list[tuple[Path, Path]]:

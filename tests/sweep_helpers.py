@@ -17,7 +17,7 @@ def sweep_fit_args(tiny_model_dir: str, tmp_path: Path, max_kl: float = 0.01) ->
                                              "answer": 0}) + "\n" for i in range(8)))
     callbacks = [{"class_path": "lightning_ft.ForgettingCheck",
                   "init_args": {"benchmark_path": str(benchmark), "max_prompts": 2, "max_accuracy_drop": 0.5,
-                                "max_kl": max_kl}}]
+                                "max_kl": max_kl, "max_time_share": None}}]
     return ["--config", str(ROOT / "configs/quickstart.yaml"), "--model.model_name", tiny_model_dir,
             "--data.train_path", write_chat_file(tmp_path / "train.jsonl", 8),
             "--data.val_path", write_chat_file(tmp_path / "val.jsonl", 4, 50), "--data.batch_size", "4",

@@ -32,7 +32,7 @@ def _command(args: list[str], log: Path, env: dict[str, str] | None = None) -> s
 def _forgetting_config(tmp_path: Path) -> str:
     config = tmp_path / "forgetting.yaml"
     config.write_text("trainer:\n  callbacks:\n    - class_path: lightning_ft.ForgettingCheck\n"
-                      "      init_args: {max_items: 12, max_prompts: 2, max_kl: 5.0}\n")
+                      "      init_args: {max_items: 12, max_prompts: 2, max_kl: 5.0, max_time_share: null}\n")
     return str(config)
 
 

@@ -77,9 +77,10 @@ def test_sigterm_saves_the_step_and_ckpt_path_last_continues_it_exactly(tiny_mod
     straight_root, root = tmp_path / "straight", tmp_path / "runs"
     forgetting = tmp_path / "forgetting.yaml"  # a check every 3 steps: its baseline and history must come back
     forgetting.write_text("trainer:\n  callbacks:\n    - class_path: lightning_ft.ForgettingCheck\n"
-                          "      init_args: {max_items: 8, max_prompts: 2, every_n_steps: 3}\n")
+                          "      init_args: {max_items: 8, max_prompts: 2, every_n_steps: 3, max_time_share: null}\n")
     checks = ["--config", str(forgetting)]
-    run(fit_args(tiny_model_dir, train, straight_root) + checks)
+    first = run(fit_args(tiny_model_dir, train, straight_root) + checks)
+    assert "Forgetting baseline at step 0" in first.stdout + first.stderr
     code, printed = stopped_after(fit_args(tiny_model_dir, train, root) + checks, step=4)
     assert code == 143  # 128 + SIGTERM, as shells report it: no scheduler takes it for finished
     run_dir = root / "lightning_logs" / "version_0"
@@ -89,10 +90,10 @@ def test_sigterm_saves_the_step_and_ckpt_path_last_continues_it_exactly(tiny_mod
     assert "--ckpt_path last" in printed.split("Continue with:")[1] and not (run_dir / FINISHED_FILE).exists()
     assert not list(root.rglob("adapter_model.safetensors"))  # no export of an unfinished run
 
-    assert "Measuring the base model" in printed
     resumed = run(fit_args(tiny_model_dir, train, root) + checks + ["--ckpt_path", "last"])
     assert f"Continuing the unfinished run {run_dir} from last.ckpt" in resumed.stdout
-    assert "Measuring the base model" not in resumed.stdout  # the baseline came back from the checkpoint
+    # The baseline came back from the checkpoint: neither measured nor read from the baseline cache.
+    assert "Forgetting baseline" not in resumed.stdout + resumed.stderr
     assert event_dirs(root) == ["lightning_logs/version_0"]  # one TensorBoard run, continued
     straight, continued = losses(straight_root / "lightning_logs" / "version_0"), losses(run_dir)
     assert sorted(continued) == list(range(10)) and len({round(v, 4) for v in straight.values()}) > 5

@@ -27,8 +27,9 @@ class CostMeter:
             record["seconds"] = time.perf_counter() - started
             self.seconds += record["seconds"]
 
-    def share(self) -> float | None:
-        """Fraction of the wall time since :meth:`start` spent timing (``None`` before the start)."""
+    def share(self, extra: float = 0.0) -> float | None:
+        """Fraction of the wall time since :meth:`start` spent timing (``None`` before the start); ``extra``: what
+        it would be after another ``extra`` seconds of timing."""
         if self.started is None:
             return None
-        return self.seconds / max(time.perf_counter() - self.started, 1e-9)
+        return (self.seconds + extra) / max(time.perf_counter() - self.started + extra, 1e-9)

@@ -17,6 +17,7 @@ Logged under ``forgetting/`` (TensorBoard and every other logger, at the trainer
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any, Literal
 
@@ -27,14 +28,17 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_ft.adapters import has_adapters
 from lightning_ft.callbacks.cost import CostMeter
 from lightning_ft.callbacks.model_access import hf_model, hf_tokenizer
+from lightning_ft.forgetting.baseline_cache import BaselineCache, baseline_key
 from lightning_ft.forgetting.benchmark import read_benchmark, stratified_sample
 from lightning_ft.forgetting.drift import read_prompts
 from lightning_ft.forgetting.history import CheckRecord
 from lightning_ft.forgetting.lm_eval import require_lm_eval
 from lightning_ft.forgetting.probe import ForgettingProbe
 from lightning_ft.forgetting.report import print_summary
+from lightning_ft.models import cache_dir
 from lightning_ft.progress import say
 
 Action = Literal["warn", "stop", "both"]
@@ -92,6 +96,14 @@ class ForgettingCheck(pl.Callback):
         lm_eval_limit: Documents per lm-eval task.
         lm_eval_include_path: Directory of extra lm-eval task YAML files (e.g. over a local JSONL file).
         summary: Print the baseline-vs-final table when ``fit`` ends.
+        baseline_cache: Keep the base model's baseline in the cache (``$LIGHTNING_FT_CACHE/baselines``) and read
+            it from there when the same base model, items, prompts, tokenizer, precision and device come again:
+            a rerun or a sweep trial does not measure the base model again (see
+            :mod:`lightning_ft.forgetting.baseline_cache`). ``False`` always measures.
+        max_time_share: Skip a check scheduled by ``every_n_steps`` or a validation while scoring would take more
+            than this share of the wall time since training started (the last check's cost is the estimate);
+            the skips are counted (``forgetting/skipped``) and said once. The check at the end of training
+            always runs. ``None`` runs every scheduled check.
     """
 
     def __init__(
@@ -116,8 +128,12 @@ class ForgettingCheck(pl.Callback):
         lm_eval_limit: int | None = 100,
         lm_eval_include_path: str | None = None,
         summary: bool = True,
+        baseline_cache: bool = True,
+        max_time_share: float | None = 0.1,
     ) -> None:
         problems = []
+        if max_time_share is not None and not 0 < max_time_share <= 1:
+            problems.append(f"max_time_share={max_time_share} must be in (0, 1] or None")
         for name, value, low in (("max_items", max_items, 0), ("max_prompts", max_prompts, 0),
                                  ("every_n_steps", every_n_steps, 1), ("lm_eval_limit", lm_eval_limit, 1)):
             if value is not None and value < low:
@@ -149,6 +165,9 @@ class ForgettingCheck(pl.Callback):
         self.every_n_steps, self.at_validation, self.metric = every_n_steps, at_validation, metric
         self.max_accuracy_drop, self.max_kl, self.action = max_accuracy_drop, max_kl, action
         self.model_attr, self.tokenizer, self.summary = model_attr, tokenizer, summary
+        self.baseline_cache, self.max_time_share = baseline_cache, max_time_share
+        #: Scheduled checks skipped to stay within ``max_time_share``.
+        self.skipped = 0
         self._key = self._generate_state_key(
             benchmark_path=benchmark_path, max_items=max_items, prompts_path=prompts_path, max_prompts=max_prompts,
             seed=seed, lm_eval_tasks=lm_eval_tasks, every_n_steps=every_n_steps, at_validation=at_validation)
@@ -180,19 +199,34 @@ class ForgettingCheck(pl.Callback):
         if trainer.global_step > 0:
             rank_zero_warn(f"ForgettingCheck: no baseline in the checkpoint; measuring it now, at step "
                            f"{trainer.global_step}, so changes are relative to this model, not the base model.")
-        # The baseline can take a while; its result line (from _report) says how long it took.
-        say(f"Measuring the base model for the forgetting checks ({len(self.probe.items)} questions, "
-            f"{len(self.probe.conversations)} prompts) ...")
-        if self.probe.needs_reference(model):
-            self.probe.cache_reference(model)
-        self._check(trainer, pl_module)
+        cache = BaselineCache(cache_dir() / "baselines") if self.baseline_cache and trainer.global_step == 0 else None
+        key = baseline_key(model, has_adapters(model), self.probe, self.probe.tokenizer,
+                           trainer.precision) if cache else ""
+        # Rank zero looks the entry up and, on a miss, holds the lock until it is stored: sweep workers that
+        # start together measure the base model once.
+        with cache.lock(key) if cache and trainer.is_global_zero else contextlib.nullcontext():
+            entry = cache.load(key) if cache and trainer.is_global_zero else None
+            entry = trainer.strategy.broadcast(entry, src=0) if trainer.world_size > 1 else entry
+            if entry is not None:
+                self.probe.reference = entry["reference"]
+                self._record(trainer, CheckRecord(trainer.global_step, entry["metrics"], ok=True, seconds=0.0),
+                             source=f"from the cache ({cache.path(key)})")
+                return
+            # The baseline can take a while; its result line (from _report) says how long it took.
+            say(f"Measuring the base model for the forgetting checks ({len(self.probe.items)} questions, "
+                f"{len(self.probe.conversations)} prompts) ...")
+            if self.probe.needs_reference(model):
+                self.probe.cache_reference(model)
+            self._check(trainer, pl_module)
+            if cache and trainer.is_global_zero:
+                cache.store(key, self.history[0].metrics, self.probe.reference)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self.history[-1].step:
-            self._check(trainer, pl_module)
+            self._scheduled_check(trainer, pl_module)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -202,7 +236,7 @@ class ForgettingCheck(pl.Callback):
         if self.history[-1].step == trainer.global_step:
             self._publish(trainer, self.history[-1])  # already measured at this step: make it visible again
         else:
-            self._check(trainer, pl_module)
+            self._scheduled_check(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -212,7 +246,7 @@ class ForgettingCheck(pl.Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.summary and self.history and trainer.is_global_zero:
-            print_summary(self.history, self.metric, self._cost.share())
+            print_summary(self.history, self.metric, self._cost.share(), self.skipped)
 
     # -- checking ------------------------------------------------------------------------------------
     def _model(self, pl_module: pl.LightningModule) -> torch.nn.Module:
@@ -220,6 +254,23 @@ class ForgettingCheck(pl.Callback):
 
     def _tokenizer(self, pl_module: pl.LightningModule) -> Any:
         return hf_tokenizer(pl_module, self.tokenizer, "ForgettingCheck")
+
+    def _scheduled_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A check the schedule asks for, unless it would push scoring past ``max_time_share`` of the wall time."""
+        if self.max_time_share is not None:
+            estimate = self.history[-1].seconds if len(self.history) > 1 or self.history[-1].seconds else None
+            share = self._cost.share(extra=estimate) if estimate is not None else None
+            over = share is not None and share > self.max_time_share
+            if trainer.strategy.broadcast(over, src=0) if trainer.world_size > 1 else over:
+                if not self.skipped:
+                    rank_zero_info(f"ForgettingCheck: skipping scheduled checks while one would take scoring past "
+                                   f"{self.max_time_share:.0%} of the wall time (max_time_share); the check at the "
+                                   "end of training always runs")
+                self.skipped += 1
+                for logger in trainer.loggers:
+                    logger.log_metrics({"forgetting/skipped": float(self.skipped)}, step=trainer.global_step)
+                return
+        self._check(trainer, pl_module)
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure, record, publish and act: on every rank, which all enter the same collectives."""
@@ -230,10 +281,16 @@ class ForgettingCheck(pl.Callback):
                 broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0),
             )
         failures = self._failures(metrics) if self.history else []
-        record = CheckRecord(trainer.global_step, metrics, ok=not failures, seconds=timed["seconds"])
+        self._record(trainer, CheckRecord(trainer.global_step, metrics, ok=not failures, seconds=timed["seconds"]),
+                     failures=failures)
+
+    def _record(self, trainer: pl.Trainer, record: CheckRecord, failures: list[str] | None = None,
+                source: str = "") -> None:
+        """Keep, publish, report and act on a check (the baseline too, measured or from the cache)."""
+        failures = failures or []
         self.history.append(record)
         self._publish(trainer, record)
-        self._report(record)
+        self._report(record, source)
         if failures:
             self._warn(trainer, record, failures)
         # Every rank decides together (the metrics are already reduced, but a rank's stop must be all ranks').
@@ -288,7 +345,7 @@ class ForgettingCheck(pl.Callback):
             lines["forgetting/kl_alarm"] = self.max_kl
         return lines
 
-    def _report(self, record: CheckRecord) -> None:
+    def _report(self, record: CheckRecord, source: str = "") -> None:
         metrics, parts = record.metrics, []
         for key in [self.metric] + sorted(key for key in metrics if key.startswith("lm_eval/")):
             if key in metrics:
@@ -297,8 +354,8 @@ class ForgettingCheck(pl.Callback):
             parts.append(f"KL {metrics['kl']:.4g}")
         share = f", {self._cost.share():.1%} of wall time so far" if len(self.history) > 1 else ""
         label = "baseline" if len(self.history) == 1 else "check"
-        rank_zero_info(f"Forgetting {label} at step {record.step}: {', '.join(parts)}; "
-                       f"{record.seconds:.1f} s{share}")
+        took = source or f"{record.seconds:.1f} s{share}"
+        rank_zero_info(f"Forgetting {label} at step {record.step}: {', '.join(parts)}; {took}")
 
     def _warn(self, trainer: pl.Trainer, record: CheckRecord, failures: list[str]) -> None:
         message = f"FORGETTING at step {record.step}: " + "; ".join(failures)
@@ -315,7 +372,7 @@ class ForgettingCheck(pl.Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"fingerprint": self.probe.fingerprint, "history": [record.to_dict() for record in self.history],
-                "reference": self.probe.reference}
+                "reference": self.probe.reference, "skipped": self.skipped}
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -338,3 +395,4 @@ class ForgettingCheck(pl.Callback):
             )
         self.history = [CheckRecord.from_dict(record) for record in state_dict["history"]]
         self.probe.reference = state_dict.get("reference")
+        self.skipped = int(state_dict.get("skipped", 0))

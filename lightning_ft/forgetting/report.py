@@ -19,13 +19,14 @@ def _rows(baseline: Mapping[str, float], final: Mapping[str, float], metric: str
 
 
 def summary_table(history: Sequence[CheckRecord], metric: str = "acc",
-                  time_share: float | None = None) -> Table:
+                  time_share: float | None = None, skipped: int = 0) -> Table:
     """Baseline (the first record), final (the last) and the change, with where thresholds were crossed.
 
     Args:
         history: The records of :class:`~lightning_ft.ForgettingCheck`, the baseline first.
         metric: ``"acc"`` or ``"acc_norm"``: which per-subject accuracy to list.
         time_share: Fraction of wall time spent scoring, for the caption.
+        skipped: Scheduled checks skipped to stay within the time budget.
     """
     first, last = history[0], history[-1]
     table = Table(title=f"Forgetting check: baseline (step {first.step}) vs final (step {last.step})")
@@ -41,11 +42,14 @@ def summary_table(history: Sequence[CheckRecord], metric: str = "acc",
     notes = [f"{len(history)} checks, {sum(record.seconds for record in history):.1f} s scoring"]
     if time_share is not None:
         notes.append(f"{time_share:.1%} of training wall time")
+    if skipped:
+        notes.append(f"{skipped} scheduled checks skipped (max_time_share)")
     notes.append(f"thresholds crossed at step {', '.join(map(str, failed))}" if failed else "within thresholds")
     table.caption = "; ".join(notes)
     return table
 
 
-def print_summary(history: Sequence[CheckRecord], metric: str = "acc", time_share: float | None = None) -> None:
+def print_summary(history: Sequence[CheckRecord], metric: str = "acc", time_share: float | None = None,
+                  skipped: int = 0) -> None:
     """Print :func:`summary_table` to standard output."""
-    Console().print(summary_table(history, metric, time_share))
+    Console().print(summary_table(history, metric, time_share, skipped))

@@ -21,8 +21,10 @@ def lora_module(model_dir):
 
 def two_checks(tmp_path) -> tuple[ForgettingCheck, ForgettingCheck]:
     bench = write_benchmark(tmp_path / "bench.jsonl")
-    return (ForgettingCheck(benchmark_path=bench, max_items=3, max_prompts=1, every_n_steps=1, batch_size=8),
-            ForgettingCheck(benchmark_path=bench, max_items=None, max_prompts=2, every_n_steps=2, batch_size=8))
+    return (ForgettingCheck(benchmark_path=bench, max_items=3, max_prompts=1, every_n_steps=1, batch_size=8,
+                            max_time_share=None),
+            ForgettingCheck(benchmark_path=bench, max_items=None, max_prompts=2, every_n_steps=2, batch_size=8,
+                            max_time_share=None))
 
 
 def test_two_checks_keep_their_own_state_through_a_checkpoint(tiny_model_dir, tmp_path):
@@ -67,7 +69,7 @@ def test_stop_is_decided_by_all_ranks(tiny_model_dir, tmp_path, monkeypatch):
     original = SingleDeviceStrategy.reduce_boolean_decision
 
     def other_rank_votes_stop(self, decision, all=True):
-        if sys._getframe(1).f_code.co_name == "_check" and not all:
+        if sys._getframe(1).f_code.co_name == "_record" and not all:
             return True
         return original(self, decision, all)
 
