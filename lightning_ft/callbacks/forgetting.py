@@ -101,9 +101,10 @@ class ForgettingCheck(pl.Callback):
             a rerun or a sweep trial does not measure the base model again (see
             :mod:`lightning_ft.forgetting.baseline_cache`). ``False`` always measures.
         max_time_share: Skip a check scheduled by ``every_n_steps`` or a validation while scoring would take more
-            than this share of the wall time since training started (the last check's cost is the estimate);
-            the skips are counted (``forgetting/skipped``) and said once. The check at the end of training
-            always runs. ``None`` runs every scheduled check.
+            than this share of the wall time since training started, counting this check and the final one at
+            the last check's cost; the skips are counted (``forgetting/skipped``) and said once. The check at the
+            end of training always runs, and a threshold crossed stops (``action``) at the first check that
+            sees it. ``None`` runs every scheduled check.
     """
 
     def __init__(
@@ -258,9 +259,10 @@ class ForgettingCheck(pl.Callback):
     def _scheduled_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A check the schedule asks for, unless it would push scoring past ``max_time_share`` of the wall time."""
         if self.max_time_share is not None:
-            estimate = self.history[-1].seconds if len(self.history) > 1 or self.history[-1].seconds else None
-            share = self._cost.share(extra=estimate) if estimate is not None else None
-            over = share is not None and share > self.max_time_share
+            # The last measured check's cost estimates this one's, and as much is kept for the final check,
+            # which always runs: a run stays within its budget to the end.
+            measured = [record.seconds for record in self.history if record.seconds > 0]
+            over = bool(measured) and self._cost.share(extra=2 * measured[-1]) > self.max_time_share
             if trainer.strategy.broadcast(over, src=0) if trainer.world_size > 1 else over:
                 if not self.skipped:
                     rank_zero_info(f"ForgettingCheck: skipping scheduled checks while one would take scoring past "
