@@ -189,12 +189,14 @@ def test_sweep_prunes_the_forgetful_trial_and_reports(tiny_model_dir, tmp_path, 
     """The whole sweep with each trial run in-process; tests/test_sweep_workers.py runs real worker processes."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(worker, "run_child", _run_child_here)
+    monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path / "cache"))  # no baseline of an earlier test
     sweep_dir = tmp_path / "sweep"
     argv = [*sweep_fit_args(tiny_model_dir, tmp_path), "--dir", str(sweep_dir), "--lrs", "1e-6,0.05",
             "--max_steps", "4"]
     assert run(argv) == 0
     out = capsys.readouterr().out
     assert "Recommended: lr=1e-06" in out and "Pruning saved 2 of 8 optimizer steps" in out
+    assert out.count("Measuring the base model") == 1  # the study measures its base model once
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     rows = {row["learning_rate"]: row for row in summary["runs"]}
     assert rows[1e-6]["state"] == "complete" and rows[1e-6]["steps"] == 4 and rows[1e-6]["within_thresholds"]
