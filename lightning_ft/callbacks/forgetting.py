@@ -10,7 +10,8 @@ Logged under ``forgetting/`` (TensorBoard and every other logger, at the trainer
 - ``score``, for ``ModelCheckpoint(monitor="forgetting/score", mode="max")``: the chosen accuracy when
   within the thresholds, accuracy - 2 when not (so every checkpoint that forgot ranks below every
   one that did not, and the finite value still plots); ``-kl`` when the benchmark is off;
-- ``time_share``: the fraction of wall time since training started spent scoring; ``seconds``;
+- ``time_share``: the fraction of wall time since training started spent scoring; ``seconds``; ``skipped``:
+  scheduled checks left out to stay within ``max_time_share``;
 - ``<metric>_baseline``, ``<metric>_alarm`` (baseline - ``max_accuracy_drop``) and ``kl_alarm`` (``max_kl``):
   constant lines for charts (:class:`~lightning_ft.callbacks.dashboard.TensorBoardDashboard` draws them).
 """
@@ -271,6 +272,8 @@ class ForgettingCheck(pl.Callback):
                 self.skipped += 1
                 for logger in trainer.loggers:
                     logger.log_metrics({"forgetting/skipped": float(self.skipped)}, step=trainer.global_step)
+                for key in self._shown():  # no stale numbers on the progress line, as if measured now
+                    trainer.progress_bar_metrics.pop(key, None)
                 return
         self._check(trainer, pl_module)
 
@@ -333,8 +336,11 @@ class ForgettingCheck(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(values, step=trainer.global_step)
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in values.items()})
-        shown = (f"forgetting/{self.metric}", "forgetting/kl", "forgetting/ok")
-        trainer.progress_bar_metrics.update({key: values[key] for key in shown if key in values})
+        trainer.progress_bar_metrics.update({key: values[key] for key in self._shown() if key in values})
+
+    def _shown(self) -> tuple[str, ...]:
+        """The metrics a check puts on the progress bar."""
+        return f"forgetting/{self.metric}", "forgetting/kl", "forgetting/ok"
 
     def _reference_lines(self) -> dict[str, float]:
         """The baseline and the alarm levels as scalars, so a chart draws them beside the measured values."""
