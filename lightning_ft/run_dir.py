@@ -125,7 +125,8 @@ def continue_last_run(trainer: pl.Trainer) -> str | None:
         say(f"No unfinished run under {loggers[0].root_dir} to continue (--ckpt_path last): starting a fresh run")
         return None
     directory, checkpoint = runs[0]
-    version = int(directory.name.split("_", 1)[1]) if directory.name.split("_", 1)[1].isdigit() else directory.name
+    number = directory.name.split("_", 1)[1]
+    version = int(number) if number.isdigit() else directory.name
     for logger in loggers:
         logger._version = version
     say(f"Continuing the unfinished run {directory} from {checkpoint.name}")

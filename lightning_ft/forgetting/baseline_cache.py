@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lightning_ft.atomic import atomic_file, file_lock
+from lightning_ft.data.encode import tokenizer_fingerprint
 
 #: Bumped whenever the scoring changes its numbers: every entry of an older scorer is then measured afresh.
 SCORER_VERSION = 1
@@ -30,7 +31,9 @@ _SAMPLED = 4096
 def weights_fingerprint(model: torch.nn.Module, base_only: bool) -> str:
     """A digest of the model's weights: every tensor's name, shape, dtype and an evenly strided sample of its
     values. ``base_only`` leaves out the trainable parameters (a freshly attached adapter, which leaves the
-    output unchanged), so trials with other LoRA ranks or seeds share the base model's entry."""
+    output unchanged), so trials with other LoRA ranks or seeds share the base model's entry. Unlike
+    :func:`~lightning_ft.models.base_fingerprint` (architecture and the first embedding rows, enough to tell
+    bases apart) every layer is sampled: a model fine-tuned before, with the embeddings untouched, differs."""
     digest = hashlib.sha256()
     for name, parameter in model.named_parameters():
         if base_only and parameter.requires_grad:
@@ -48,8 +51,8 @@ def baseline_key(model: torch.nn.Module, base_only: bool, probe: Any, tokenizer:
     template = getattr(tokenizer, "chat_template", None) or ""
     content = json.dumps([
         SCORER_VERSION, weights_fingerprint(model, base_only), probe.fingerprint, probe.batch_size,
-        probe.max_length, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
-        hashlib.sha256(str(template).encode()).hexdigest(), str(precision), device,
+        probe.max_length, tokenizer_fingerprint(tokenizer), hashlib.sha256(str(template).encode()).hexdigest(),
+        str(precision), device,
     ])
     return hashlib.sha256(content.encode()).hexdigest()[:24]
 
